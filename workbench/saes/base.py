@@ -1,0 +1,246 @@
+"""What every SAE architecture shares: the output types, the config base, the unit-norm decoder
+step, geometric-median initialisation and the sparse encode/decode used by TopK and Switch.
+
+Shape suffixes: B batch, D model dim (d_in), F latents (d_sae), K active latents per token,
+E experts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Code(NamedTuple):
+    """The sparse code of a batch.
+
+    Either k-sparse (``idx`` holds the active latent ids, ``acts`` their values, both (B, K)), or
+    dense (``idx`` is None and ``acts`` is (B, F)). TopK and Switch SAEs give the first form, ReLU and
+    Gated SAEs the second.
+    """
+
+    acts: Tensor
+    idx: Tensor | None
+    d_sae: int
+
+    def dense(self) -> Tensor:
+        """The code as a dense (B, F) tensor."""
+        if self.idx is None:
+            return self.acts
+        out_BF = self.acts.new_zeros(self.acts.shape[0], self.d_sae)
+        return out_BF.scatter_(1, self.idx, self.acts)
+
+    def l0(self) -> Tensor:
+        """Number of latents that fired (value > 0) for each token, (B,)."""
+        return (self.acts > 0).sum(-1)
+
+    def fire_counts(self) -> Tensor:
+        """Number of tokens on which each latent fired, (F,)."""
+        fired = self.acts > 0
+        if self.idx is None:
+            return fired.sum(0)
+        counts_F = torch.zeros(self.d_sae, dtype=torch.long, device=self.acts.device)
+        return counts_F.index_add_(0, self.idx[fired], torch.ones_like(self.idx[fired]))
+
+
+class SAEOutput(NamedTuple):
+    """What ``forward`` returns.
+
+    ``losses`` holds each loss term already multiplied by its coefficient, so the training loss is
+    ``sum(losses.values())``; the names say what each term is (e.g. ``"mse"``, ``"auxk"``).
+    ``info`` holds architecture-specific tensors (Switch: ``expert_B``, ``router_probs_BE``).
+    """
+
+    recon_BD: Tensor
+    code: Code
+    losses: dict[str, Tensor]
+    info: dict[str, Tensor] | None = None
+
+
+@dataclass
+class SAEConfig:
+    """Sizes shared by every architecture. Subclasses add their own fields and set ``architecture``."""
+
+    d_in: int
+    """Width of the activations the SAE reads (the model's hidden size at the site)."""
+    d_sae: int
+    """Number of latents (dictionary size, M in the papers)."""
+    seed: int = 0
+    """Seed for the SAE's initial weights."""
+
+    architecture: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field; subclasses extend this."""
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{self.architecture} SAE: {name}={value!r} must be a positive integer")
+
+    def to_dict(self) -> dict:
+        return {"architecture": self.architecture, **dataclasses.asdict(self)}
+
+
+class BaseSAE(nn.Module):
+    """Parameters follow SAELens names and shapes: ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in),
+    ``b_enc`` (d_sae,), ``b_dec`` (d_in,). Decoder rows are kept at unit norm by
+    :class:`UnitNormDecoder` during training."""
+
+    cfg: SAEConfig
+
+    def __init__(self, cfg: SAEConfig):
+        cfg.validate()
+        super().__init__()
+        self.cfg = cfg
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        """Dense (B, F) latent activations."""
+        return self.encode_code(x_BD).dense()
+
+    def encode_code(self, x_BD: Tensor) -> Code:
+        raise NotImplementedError
+
+    def decode(self, latents_BF: Tensor) -> Tensor:
+        """Reconstruction from dense latents: latents @ W_dec + b_dec."""
+        return latents_BF @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: Tensor) -> SAEOutput:
+        raise NotImplementedError
+
+    def flops_per_token(self, training: bool = False) -> int:
+        raise NotImplementedError
+
+    def on_step(self, step: int) -> None:
+        """Called by the Trainer before each step (for coefficient warm-ups). Default: nothing."""
+
+    @torch.no_grad()
+    def init_from_data_(self, x_BD: Tensor) -> None:
+        """Data-dependent initialisation from the first training batch. Default: nothing."""
+
+    def check_input(self, x_BD: Tensor) -> None:
+        if x_BD.ndim != 2 or x_BD.shape[1] != self.cfg.d_in:
+            raise ValueError(
+                f"{self.cfg.architecture} SAE has d_in={self.cfg.d_in} but got activations of shape "
+                f"{tuple(x_BD.shape)}; pass a (batch, {self.cfg.d_in}) tensor"
+            )
+
+
+def init_tied_weights(cfg: SAEConfig) -> tuple[Tensor, Tensor]:
+    """Random unit-norm decoder rows and the encoder set to their transpose (Gao et al. A.1).
+
+    Returns (W_enc (D, F), W_dec (F, D)), drawn from a generator seeded with ``cfg.seed`` so that
+    two SAEs built from the same config are identical.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    W_dec_FD = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+    W_dec_FD /= W_dec_FD.norm(dim=-1, keepdim=True)
+    return W_dec_FD.t().contiguous(), W_dec_FD
+
+
+class UnitNormDecoder:
+    """Keeps the rows of decoder matrices at unit norm across optimiser steps.
+
+    Call :meth:`project_grads` after ``backward`` and before ``optimizer.step()`` (removes the
+    gradient component parallel to each row, so the step moves rows along the sphere), and
+    :meth:`renormalise` after the step (pulls rows back onto it).
+    """
+
+    def __init__(self, weights: list[Tensor]):
+        self.weights = weights
+
+    @torch.no_grad()
+    def project_grads(self) -> None:
+        for W_FD in self.weights:
+            if W_FD.grad is not None:
+                parallel_F1 = (W_FD.grad * W_FD).sum(-1, keepdim=True)
+                W_FD.grad.sub_(parallel_F1 * W_FD)
+
+    @torch.no_grad()
+    def renormalise(self) -> None:
+        for W_FD in self.weights:
+            W_FD.div_(W_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def geometric_median(x_BD: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
+    """Weiszfeld iteration, as in Gao et al. and the Switch SAE code (100 iterations, tol 1e-5)."""
+    x_BD = x_BD.double()
+    median_D = x_BD.mean(0)
+    for _ in range(max_iter):
+        dist_B = (x_BD - median_D).norm(dim=-1).clamp_min(1e-12)
+        weights_B = 1.0 / dist_B
+        new_D = (weights_B[:, None] * x_BD).sum(0) / weights_B.sum()
+        shift = (new_D - median_D).norm()
+        median_D = new_D
+        if shift < tol:
+            break
+    return median_D.float()
+
+
+class _SparseEncode(torch.autograd.Function):
+    """Given pre-activations already computed, pass gradient only to the selected latents.
+
+    forward(x_BD, b_pre_D, W_enc_DF, b_enc_F, acts_BK, idx_BK) -> acts_BK
+    The gradient of the selected pre-activations is scattered into W_enc's rows of the active
+    latents only (an index_add over B*K rows, never a dense (B, F) matmul), and b_pre's gradient is
+    summed over the batch before touching W_enc (Gao et al. App. D).
+    """
+
+    @staticmethod
+    def forward(ctx, x_BD, b_pre_D, W_enc_DF, b_enc_F, acts_BK, idx_BK):
+        ctx.save_for_backward(x_BD, b_pre_D, W_enc_DF, idx_BK, acts_BK)
+        ctx.has_b_enc = b_enc_F is not None
+        return acts_BK.clone()
+
+    @staticmethod
+    def backward(ctx, grad_BK):
+        x_BD, b_pre_D, W_enc_DF, idx_BK, acts_BK = ctx.saved_tensors
+        # Gradient of ReLU(pre) at the kept entries: zero where the kept value was clamped to 0.
+        grad_BK = grad_BK * (acts_BK > 0)
+        d_in, d_sae = W_enc_DF.shape
+        idx_N = idx_BK.reshape(-1)
+        grad_N = grad_BK.reshape(-1)
+        grad_W = grad_b_pre = grad_b_enc = None
+        if ctx.needs_input_grad[2]:
+            xc_BD = x_BD - b_pre_D
+            contrib_BKD = grad_BK.unsqueeze(-1) * xc_BD.unsqueeze(1)
+            grad_W_FD = W_enc_DF.new_zeros(d_sae, d_in).index_add_(0, idx_N, contrib_BKD.reshape(-1, d_in))
+            grad_W = grad_W_FD.t()
+        if ctx.needs_input_grad[1] or (ctx.has_b_enc and ctx.needs_input_grad[3]):
+            grad_sum_F = W_enc_DF.new_zeros(d_sae).index_add_(0, idx_N, grad_N)
+            if ctx.needs_input_grad[1]:
+                grad_b_pre = -(W_enc_DF @ grad_sum_F)
+            if ctx.has_b_enc and ctx.needs_input_grad[3]:
+                grad_b_enc = grad_sum_F
+        return None, grad_b_pre, grad_W, grad_b_enc, None, None
+
+
+def sparse_encode(x_BD: Tensor, b_pre_D: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor | None,
+                  acts_BK: Tensor, idx_BK: Tensor) -> Tensor:
+    """Attach a sparse backward to values picked (top-k) from ReLU(W_enc^T (x - b_pre) + b_enc).
+
+    ``acts_BK`` must have been computed without autograd from the same tensors.
+    """
+    return _SparseEncode.apply(x_BD, b_pre_D, W_enc_DF, b_enc_F, acts_BK, idx_BK)
+
+
+def sparse_decode(acts_BK: Tensor, idx_BK: Tensor, W_dec_FD: Tensor) -> Tensor:
+    """sum_k acts[b, k] * W_dec[idx[b, k]] as an embedding_bag: a gather, not a (B, F) matmul."""
+    return F.embedding_bag(idx_BK, W_dec_FD, per_sample_weights=acts_BK, mode="sum")
+
+
+def check_k(k: int, width: int, what: str) -> None:
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k={k!r} must be a positive integer")
+    if k >= width:
+        raise ValueError(f"k={k} must be smaller than the {what} ({width}); lower k or widen the SAE")
+
+
+def topk_lr(d_sae: int) -> float:
+    """Gao et al.'s learning-rate rule, 2e-4 / sqrt(M / 2^14)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)

@@ -1,0 +1,98 @@
+"""Gated SAE (Rajamanoharan et al. 2024), Eq. 8 with tied weights.
+
+    pi_gate = W_gate^T (x - b_dec) + b_gate               (W_gate is stored as W_enc)
+    f_gate  = 1[pi_gate > 0]
+    f_mag   = ReLU(exp(r_mag) * (W_gate^T (x - b_dec)) + b_mag)
+    f       = f_gate * f_mag,          x_hat = W_dec^T f + b_dec
+
+    L = ||x - x_hat||^2 + lambda * ||ReLU(pi_gate)||_1 + ||x - (sg(W_dec)^T ReLU(pi_gate) + sg(b_dec))||^2
+
+The Heaviside passes no gradient: the gate learns through the L1 and the auxiliary reconstruction
+through a stop-gradient copy of the decoder. With tied weights the encoder is a JumpReLU on the
+magnitude path with threshold theta = b_mag - exp(r_mag) * b_gate (:meth:`GatedSAE.jumprelu_threshold`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import BaseSAE, Code, SAEConfig, SAEOutput, geometric_median, init_tied_weights
+from .relu import check_l2_reduction, l2_loss
+
+
+@dataclass
+class GatedConfig(SAEConfig):
+    """Gated SAE with tied gate and magnitude paths."""
+
+    l1_coefficient: float = 0.02
+    """Weight lambda of the L1 on ReLU(pi_gate) (on the scale set by ``l2_reduction``)."""
+    l2_reduction: str = "mean"
+    """"mean": both L2 terms averaged over the d dimensions, as in the paper, so its lambda values
+    transfer; "sum": summed over them, as in dictionary_learning."""
+
+    architecture = "gated"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.l1_coefficient < 0:
+            raise ValueError(f"l1_coefficient={self.l1_coefficient} must be >= 0")
+        check_l2_reduction(self.l2_reduction)
+
+    def default_lr(self) -> float:
+        return 3e-4  # the paper's learning rate for all Gated runs (App. D)
+
+
+class GatedSAE(BaseSAE):
+    cfg: GatedConfig
+
+    def __init__(self, cfg: GatedConfig):
+        super().__init__(cfg)
+        W_enc_DF, W_dec_FD = init_tied_weights(cfg)
+        self.W_enc = nn.Parameter(W_enc_DF)
+        self.W_dec = nn.Parameter(W_dec_FD)
+        self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    @torch.no_grad()
+    def init_from_data_(self, x_BD: Tensor) -> None:
+        self.b_dec.copy_(geometric_median(x_BD))
+
+    def _paths(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """(pi_gate, f) for a batch."""
+        proj_BF = (x_BD - self.b_dec) @ self.W_enc
+        pi_gate_BF = proj_BF + self.b_gate
+        f_mag_BF = torch.relu(proj_BF * self.r_mag.exp() + self.b_mag)
+        return pi_gate_BF, (pi_gate_BF > 0).to(f_mag_BF.dtype) * f_mag_BF
+
+    def jumprelu_threshold(self) -> Tensor:
+        """theta = b_mag - exp(r_mag) * b_gate: the encoder is f = pi_mag * 1[pi_mag > theta]."""
+        return self.b_mag - self.r_mag.exp() * self.b_gate
+
+    @torch.no_grad()
+    def encode_code(self, x_BD: Tensor) -> Code:
+        self.check_input(x_BD)
+        return Code(self._paths(x_BD)[1], None, self.cfg.d_sae)
+
+    def forward(self, x_BD: Tensor) -> SAEOutput:
+        self.check_input(x_BD)
+        pi_gate_BF, f_BF = self._paths(x_BD)
+        recon_BD = self.decode(f_BF)
+        gate_act_BF = torch.relu(pi_gate_BF)
+        aux_recon_BD = gate_act_BF @ self.W_dec.detach() + self.b_dec.detach()
+        reduction = self.cfg.l2_reduction
+        losses = {
+            "l2": l2_loss(x_BD, recon_BD, reduction),
+            "l1": self.cfg.l1_coefficient * gate_act_BF.sum(-1).mean(),
+            "aux": l2_loss(x_BD, aux_recon_BD, reduction),
+        }
+        return SAEOutput(recon_BD, Code(f_BF, None, self.cfg.d_sae), losses)
+
+    def flops_per_token(self, training: bool = False) -> int:
+        """Forward: shared encoder 2*d*M + decoder 2*d*M. A training step runs the decoder twice
+        (the auxiliary reconstruction) and backpropagates, 3x that: 3 * 6*d*M."""
+        dm = self.cfg.d_in * self.cfg.d_sae
+        return 3 * 6 * dm if training else 4 * dm

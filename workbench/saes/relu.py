@@ -1,0 +1,98 @@
+"""ReLU/L1 baseline SAE: z = ReLU(W_enc^T (x - b_dec) + b_enc), x_hat = W_dec^T z + b_dec.
+
+Loss: L2 reconstruction + lambda_t * ||z||_1, with decoder rows held at unit norm (so the L1 needs no
+decoder-norm weighting) and lambda_t warmed up linearly from 0 over ``l1_warmup_steps``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import BaseSAE, Code, SAEConfig, SAEOutput, geometric_median, init_tied_weights
+
+L2_REDUCTIONS = ("mean", "sum")
+
+
+def l2_loss(x_BD: Tensor, recon_BD: Tensor, reduction: str) -> Tensor:
+    """Squared error averaged over tokens, and summed or averaged over the d dimensions."""
+    err_B = (x_BD - recon_BD).pow(2).sum(-1)
+    if reduction == "mean":
+        err_B = err_B / x_BD.shape[1]
+    return err_B.mean()
+
+
+def check_l2_reduction(value: str) -> None:
+    if value not in L2_REDUCTIONS:
+        raise ValueError(f"l2_reduction={value!r} must be one of {L2_REDUCTIONS}")
+
+
+@dataclass
+class ReLUConfig(SAEConfig):
+    """ReLU SAE trained with an L1 penalty (the baseline of the Gated, TopK and Switch papers)."""
+
+    l1_coefficient: float = 0.02
+    """Weight lambda of the L1 penalty on the latents (on the scale set by ``l2_reduction``)."""
+    l1_warmup_steps: int = 1000
+    """Steps over which lambda grows linearly from 0 to ``l1_coefficient``; 0 disables warm-up."""
+    l2_reduction: str = "mean"
+    """"mean": L2 averaged over the d dimensions (as the Gated paper); "sum": summed over them."""
+
+    architecture = "relu"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.l1_coefficient < 0:
+            raise ValueError(f"l1_coefficient={self.l1_coefficient} must be >= 0")
+        if self.l1_warmup_steps < 0:
+            raise ValueError(f"l1_warmup_steps={self.l1_warmup_steps} must be >= 0")
+        check_l2_reduction(self.l2_reduction)
+
+    def default_lr(self) -> float:
+        return 5e-5  # Anthropic's April-2024 baseline, used by the Switch paper's ReLU runs
+
+
+class ReLUSAE(BaseSAE):
+    cfg: ReLUConfig
+
+    def __init__(self, cfg: ReLUConfig):
+        super().__init__(cfg)
+        W_enc_DF, W_dec_FD = init_tied_weights(cfg)
+        self.W_enc = nn.Parameter(W_enc_DF)
+        self.W_dec = nn.Parameter(W_dec_FD)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.l1_scale = 1.0
+
+    @torch.no_grad()
+    def init_from_data_(self, x_BD: Tensor) -> None:
+        self.b_dec.copy_(geometric_median(x_BD))
+
+    def on_step(self, step: int) -> None:
+        warmup = self.cfg.l1_warmup_steps
+        self.l1_scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+    def _latents(self, x_BD: Tensor) -> Tensor:
+        return torch.relu((x_BD - self.b_dec) @ self.W_enc + self.b_enc)
+
+    @torch.no_grad()
+    def encode_code(self, x_BD: Tensor) -> Code:
+        self.check_input(x_BD)
+        return Code(self._latents(x_BD), None, self.cfg.d_sae)
+
+    def forward(self, x_BD: Tensor) -> SAEOutput:
+        self.check_input(x_BD)
+        z_BF = self._latents(x_BD)
+        recon_BD = self.decode(z_BF)
+        losses = {
+            "l2": l2_loss(x_BD, recon_BD, self.cfg.l2_reduction),
+            "l1": self.cfg.l1_coefficient * self.l1_scale * z_BF.sum(-1).mean(),
+        }
+        return SAEOutput(recon_BD, Code(z_BF, None, self.cfg.d_sae), losses)
+
+    def flops_per_token(self, training: bool = False) -> int:
+        """Forward: dense encoder 2*d*M + dense decoder 2*d*M; a training step is 3x the forward
+        (the backward of a dense matmul costs twice its forward)."""
+        forward = 4 * self.cfg.d_in * self.cfg.d_sae
+        return 3 * forward if training else forward

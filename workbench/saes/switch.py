@@ -1,0 +1,158 @@
+"""Switch SAE (Mudide et al. 2024): a router sends each token to one of E TopK expert SAEs.
+
+    p = softmax(W_router^T (x - b_router))            router probabilities, (B, E)
+    i* = argmax p                                      each token's expert
+    z = p_{i*} * ReLU(TopK_k(W_enc_{i*}^T (x - b_pre))) the expert's latents, scaled by its probability
+    x_hat = W_dec_{i*}^T z + b_pre                      b_pre is shared by all experts
+
+Loss: per-dimension MSE + alpha * E * sum_i f_i P_i (f_i: fraction of tokens sent to expert i,
+P_i: mean router probability of i). The paper's code writes the loss as sum_d MSE + alpha * d * L_lb,
+which is d times this, so alpha transfers unchanged.
+
+Each token is computed by its own expert only: tokens are grouped by expert and each expert runs one
+(n_e, D) x (D, M/E) matmul. The paper's code computes all M latents and masks; ours does not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import (BaseSAE, Code, SAEConfig, SAEOutput, check_k, geometric_median, init_tied_weights,
+                   sparse_decode, sparse_encode, topk_lr)
+
+GATES = ("softmax", "heaviside")
+
+
+@dataclass
+class SwitchConfig(SAEConfig):
+    """Switch SAE: E expert TopK SAEs of width d_sae / E behind a top-1 router."""
+
+    k: int = 32
+    """Active latents per token, all inside the token's expert (the L0)."""
+    n_experts: int = 8
+    """Number of experts E; d_sae must be divisible by it."""
+    lb_alpha: float = 3.0
+    """Weight alpha of the load-balancing loss (3 in the paper's runs)."""
+    gate: str = "softmax"
+    """How the router scales the expert's latents: "softmax" (by p_{i*}, trains the router through the
+    reconstruction) or "heaviside" (scale 1; the router learns from the load-balancing loss only)."""
+
+    architecture = "switch"
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.n_experts, int) or self.n_experts <= 0:
+            raise ValueError(f"n_experts={self.n_experts!r} must be a positive integer")
+        if self.d_sae % self.n_experts:
+            raise ValueError(
+                f"d_sae={self.d_sae} is not divisible by n_experts={self.n_experts}; "
+                f"each expert needs the same width (try d_sae={self.d_sae // self.n_experts * self.n_experts})")
+        check_k(self.k, self.expert_width, f"expert width d_sae/n_experts")
+        if self.gate not in GATES:
+            raise ValueError(f"gate={self.gate!r} must be one of {GATES}")
+        if self.lb_alpha < 0:
+            raise ValueError(f"lb_alpha={self.lb_alpha} must be >= 0")
+
+    @property
+    def expert_width(self) -> int:
+        return self.d_sae // self.n_experts
+
+    def default_lr(self) -> float:
+        return topk_lr(self.d_sae)
+
+
+class SwitchSAE(BaseSAE):
+    cfg: SwitchConfig
+
+    def __init__(self, cfg: SwitchConfig):
+        super().__init__(cfg)
+        W_enc_DF, W_dec_FD = init_tied_weights(cfg)
+        self.W_enc = nn.Parameter(W_enc_DF)
+        self.W_dec = nn.Parameter(W_dec_FD)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        bound = cfg.d_in ** -0.5  # nn.Linear's default init range
+        self.W_router = nn.Parameter((torch.rand(cfg.d_in, cfg.n_experts, generator=gen) * 2 - 1) * bound)
+        self.b_router = nn.Parameter(torch.zeros(cfg.d_in))
+
+    @property
+    def b_enc(self) -> Tensor:
+        """Switch experts have no encoder bias; zeros keep the SAELens key set complete."""
+        return self.W_enc.new_zeros(self.cfg.d_sae)
+
+    @torch.no_grad()
+    def init_from_data_(self, x_BD: Tensor) -> None:
+        median_D = geometric_median(x_BD)
+        self.b_dec.copy_(median_D)
+        self.b_router.copy_(median_D)
+
+    def route(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """Router probabilities (B, E) and each token's expert (B,)."""
+        probs_BE = torch.softmax((x_BD - self.b_router) @ self.W_router, dim=-1)
+        return probs_BE, probs_BE.argmax(-1)
+
+    @torch.no_grad()
+    def _expert_topk(self, x_BD: Tensor, expert_B: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-k (values after ReLU, global latent ids) of each token inside its own expert only."""
+        k, width = self.cfg.k, self.cfg.expert_width
+        order_B = expert_B.argsort(stable=True)
+        counts = torch.bincount(expert_B, minlength=self.cfg.n_experts).tolist()
+        xc_BD = x_BD[order_B] - self.b_dec
+        vals_BK = x_BD.new_empty(x_BD.shape[0], k)
+        idx_BK = torch.empty(x_BD.shape[0], k, dtype=torch.long, device=x_BD.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                pre_NW = xc_BD[start:start + n] @ self.W_enc[:, e * width:(e + 1) * width]
+                v, i = pre_NW.topk(k, dim=-1, sorted=False)
+                vals_BK[start:start + n] = v.relu_()
+                idx_BK[start:start + n] = i + e * width
+            start += n
+        unsorted_vals, unsorted_idx = torch.empty_like(vals_BK), torch.empty_like(idx_BK)
+        unsorted_vals[order_B] = vals_BK
+        unsorted_idx[order_B] = idx_BK
+        return unsorted_vals, unsorted_idx
+
+    def _gate(self, probs_BE: Tensor, expert_B: Tensor) -> Tensor:
+        if self.cfg.gate == "heaviside":
+            return probs_BE.new_ones(probs_BE.shape[0])
+        return probs_BE.gather(1, expert_B[:, None]).squeeze(1)
+
+    @torch.no_grad()
+    def encode_code(self, x_BD: Tensor) -> Code:
+        self.check_input(x_BD)
+        probs_BE, expert_B = self.route(x_BD)
+        vals_BK, idx_BK = self._expert_topk(x_BD, expert_B)
+        return Code(vals_BK * self._gate(probs_BE, expert_B)[:, None], idx_BK, self.cfg.d_sae)
+
+    def forward(self, x_BD: Tensor) -> SAEOutput:
+        self.check_input(x_BD)
+        probs_BE, expert_B = self.route(x_BD)
+        vals_BK, idx_BK = self._expert_topk(x_BD, expert_B)
+        acts_BK = sparse_encode(x_BD, self.b_dec, self.W_enc, None, vals_BK, idx_BK)
+        acts_BK = acts_BK * self._gate(probs_BE, expert_B)[:, None]
+        recon_BD = sparse_decode(acts_BK, idx_BK, self.W_dec) + self.b_dec
+
+        losses = {"mse": (x_BD - recon_BD).pow(2).mean()}
+        if self.cfg.lb_alpha > 0:
+            losses["load_balance"] = self.cfg.lb_alpha * load_balance_loss(probs_BE, expert_B)
+        return SAEOutput(recon_BD, Code(acts_BK, idx_BK, self.cfg.d_sae), losses,
+                         {"expert_B": expert_B, "router_probs_BE": probs_BE})
+
+    def flops_per_token(self, training: bool = False) -> int:
+        """Forward: router 2*d*E + one expert's encoder 2*d*M/E + sparse decoder 2*k*d. A training
+        step adds the router backward (2 * 2*d*E) and the sparse encoder-weight, decoder-weight and
+        latent gradients (2*k*d each)."""
+        d, e, k = self.cfg.d_in, self.cfg.n_experts, self.cfg.k
+        forward = 2 * d * e + 2 * d * self.cfg.expert_width + 2 * k * d
+        return forward + 2 * 2 * d * e + 3 * 2 * k * d if training else forward
+
+
+def load_balance_loss(probs_BE: Tensor, expert_B: Tensor) -> Tensor:
+    """Switch Transformer load-balancing loss N * sum_i f_i P_i; equals 1 when routing is uniform.
+    f_i (the argmax counts) carries no gradient; the router learns through P_i."""
+    n_experts = probs_BE.shape[1]
+    f_E = torch.bincount(expert_B, minlength=n_experts).to(probs_BE.dtype) / expert_B.shape[0]
+    return n_experts * (f_E * probs_BE.mean(0)).sum()
