@@ -72,15 +72,12 @@ class SwitchSAE(BaseSAE):
         self.W_enc = nn.Parameter(W_enc_DF)
         self.W_dec = nn.Parameter(W_dec_FD)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        # Experts have no encoder bias; a frozen zero b_enc keeps the SAELens key set complete.
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae), requires_grad=False)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         bound = cfg.d_in ** -0.5  # nn.Linear's default init range
         self.W_router = nn.Parameter((torch.rand(cfg.d_in, cfg.n_experts, generator=gen) * 2 - 1) * bound)
         self.b_router = nn.Parameter(torch.zeros(cfg.d_in))
-
-    @property
-    def b_enc(self) -> Tensor:
-        """Switch experts have no encoder bias; zeros keep the SAELens key set complete."""
-        return self.W_enc.new_zeros(self.cfg.d_sae)
 
     @torch.no_grad()
     def init_from_data_(self, x_BD: Tensor) -> None:
