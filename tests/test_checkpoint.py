@@ -1,0 +1,282 @@
+"""Checkpoints: a resumed run is bit-identical to an uninterrupted one, a write killed half-way
+leaves the previous checkpoint whole, and leftovers of such a write are cleaned on resume."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.saes import build_sae, make_config
+from workbench.train import BatchError, TrainConfig, Trainer
+from workbench.train import checkpoint
+
+D, F, B = 32, 128, 128
+KILL_MARKER = "INSIDE-CHECKPOINT-WRITE"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # One thread: faster at these sizes, immune to OpenMP contention on a shared machine, and the
+    # same thread count as the killed child process, so its floating-point results match ours.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class SparseStream:
+    """Deterministic, re-iterable batches: sparse positive combinations of fixed unit directions
+    plus noise. ``crash_at`` raises while fetching that batch; ``bad`` maps an index to what to
+    yield there instead."""
+
+    def __init__(self, n_batches: int, seed: int = 0, crash_at: int | None = None, bad: dict | None = None):
+        self.n_batches, self.seed, self.crash_at, self.bad = n_batches, seed, crash_at, bad or {}
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        dirs = torch.randn(96, D, generator=gen)
+        dirs /= dirs.norm(dim=-1, keepdim=True)
+        for i in range(self.n_batches):
+            if i == self.crash_at:
+                raise RuntimeError("simulated crash")
+            idx = torch.rand(B, 96, generator=gen).topk(4, dim=-1).indices
+            coef = torch.rand(B, 4, generator=gen) + 0.5
+            yield self.bad.get(i, (coef[..., None] * dirs[idx]).sum(1) + 0.01 * torch.randn(B, D, generator=gen))
+
+
+def four_saes() -> dict:
+    return {
+        # dead_tokens of two batches: latents go dead within the run, so AuxK is active.
+        "topk": build_sae(make_config("topk", d_in=D, d_sae=F, k=4, dead_tokens=2 * B)),
+        "gated": build_sae(make_config("gated", d_in=D, d_sae=F)),
+        # The L1 warm-up is still running at the interruption.
+        "relu": build_sae(make_config("relu", d_in=D, d_sae=F, l1_warmup_steps=20)),
+        "switch": build_sae(make_config("switch", d_in=D, d_sae=F, k=4, n_experts=4)),
+    }
+
+
+def train_cfg(**fields) -> TrainConfig:
+    return TrainConfig(**{"total_steps": 30, "warmup_steps": 5, "log_every": 4, "checkpoint_every": 5,
+                          "progress_bar": False, **fields})
+
+
+def assert_same_run(a: Trainer, b: Trainer) -> None:
+    """Every parameter, buffer and optimiser state tensor equal bit for bit."""
+    assert a.step == b.step and a.tokens_seen == b.tokens_seen
+    for name in a.saes:
+        state_a, state_b = a.saes[name].state_dict(), b.saes[name].state_dict()
+        assert state_a.keys() == state_b.keys()
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), f"{name}.{key}"
+        opt_a, opt_b = a.optimizers[name].state_dict()["state"], b.optimizers[name].state_dict()["state"]
+        for i in opt_a:
+            for key in opt_a[i]:
+                assert torch.equal(opt_a[i][key], opt_b[i][key]), f"{name} optimiser {i}.{key}"
+        assert torch.equal(a._since_fired[name], b._since_fired[name])
+        assert a.schedulers[name].state_dict() == b.schedulers[name].state_dict()
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Trainer:
+    trainer = Trainer(four_saes(), train_cfg(), run_dir=tmp_path_factory.mktemp("straight"))
+    trainer.fit(SparseStream(30))
+    return trainer
+
+
+@pytest.mark.parametrize("interruption", ["stream_ends", "crash"])
+def test_resumed_run_is_bit_identical(tmp_path, straight_run, interruption):
+    if interruption == "stream_ends":  # stops at 13, checkpointed there (not a multiple of 5)
+        with pytest.warns(UserWarning, match="ran out after 13 batches"):
+            Trainer(four_saes(), train_cfg(), run_dir=tmp_path).fit(SparseStream(13))
+        resume_step = 13
+    else:  # dies while reading batch 13; the last checkpoint is step 10
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            Trainer(four_saes(), train_cfg(), run_dir=tmp_path).fit(SparseStream(30, crash_at=13))
+        resume_step = 10
+
+    resumed = Trainer.resume(tmp_path)
+    assert resumed.step == resume_step
+    history = resumed.fit(SparseStream(30))
+    assert_same_run(straight_run, resumed)
+    # The history matches too, apart from the extra row logged where the short stream ended.
+    assert [r for r in history if r["step"] != 13] == straight_run.history
+    assert any(r["loss/auxk"] > 0 for r in history if r["sae"] == "topk"), "AuxK never ran"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000030\n"
+
+
+def test_checkpoint_that_latest_never_pointed_to_is_replaced(tmp_path, straight_run):
+    # As if killed after renaming step_00000010 into place but before updating `latest`.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(four_saes(), train_cfg(), run_dir=tmp_path).fit(SparseStream(30, crash_at=12))
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000005\n")
+    resumed = Trainer.resume(tmp_path)
+    assert resumed.step == 5
+    resumed.fit(SparseStream(30))  # writes step_00000010 again over the orphan
+    assert_same_run(straight_run, resumed)
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in numpy's state
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    draws = torch.rand(3), random.random(), np.random.standard_normal(2)
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = torch.rand(3), random.random(), np.random.standard_normal(2)
+    assert torch.equal(draws[0], again[0]) and draws[1] == again[1] and (draws[2] == again[2]).all()
+
+
+class GlobalRngStream:
+    """Batches drawn from the global torch generator (which the Trainer seeds); raises while
+    fetching batch ``crash_at``."""
+
+    def __init__(self, n_batches: int, crash_at: int | None = None):
+        self.n_batches, self.crash_at = n_batches, crash_at
+
+    def __iter__(self):
+        for i in range(self.n_batches):
+            if i == self.crash_at:
+                raise RuntimeError("simulated crash")
+            yield torch.randn(B, D)
+
+
+def test_resume_replays_a_stream_that_draws_from_the_global_generator(tmp_path):
+    def setup() -> tuple[dict, TrainConfig]:
+        return {"topk": build_sae(make_config("topk", d_in=D, d_sae=F, k=4))}, train_cfg(total_steps=12)
+
+    straight = Trainer(*setup(), run_dir=tmp_path / "a")
+    straight.fit(GlobalRngStream(12))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(*setup(), run_dir=tmp_path / "b").fit(GlobalRngStream(12, crash_at=7))
+    torch.manual_seed(1234)  # whatever the notebook did in between
+    resumed = Trainer.resume(tmp_path / "b")
+    assert resumed.step == 5
+    resumed.fit(GlobalRngStream(12))
+    assert_same_run(straight, resumed)
+
+
+def test_leftovers_of_an_interrupted_write_are_ignored_and_cleaned(tmp_path):
+    Trainer(four_saes(), train_cfg(total_steps=10), run_dir=tmp_path).fit(SparseStream(10))
+    ckpts = tmp_path / "checkpoints"
+    partial = ckpts / ".step_00000015.tmp"
+    (partial / "saes" / "topk").mkdir(parents=True)
+    (partial / "saes" / "topk" / "cfg.json").write_text("{trunc")
+    (ckpts / ".latest.tmp").write_text("step_000")
+    resumed = Trainer.resume(tmp_path)
+    assert resumed.step == 10
+    assert not partial.exists() and not (ckpts / ".latest.tmp").exists()
+
+
+def test_dangling_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    Trainer(four_saes(), train_cfg(total_steps=10), run_dir=tmp_path).fit(SparseStream(10))
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000099\n")
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000010"
+    (tmp_path / "checkpoints" / "latest").unlink()
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000010"
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint under"):
+        Trainer.resume(tmp_path)
+
+
+def test_resume_with_a_shorter_stream_says_so(tmp_path):
+    Trainer(four_saes(), train_cfg(total_steps=10), run_dir=tmp_path).fit(SparseStream(10))
+    resumed = Trainer.resume(tmp_path, cfg=train_cfg(total_steps=20))
+    with pytest.raises(ValueError, match="ended after 4 batches while skipping the 10 this run has already"):
+        resumed.fit(SparseStream(4))
+
+
+def test_bad_batch_keeps_earlier_checkpoints(tmp_path):
+    trainer = Trainer(four_saes(), train_cfg(), run_dir=tmp_path)
+    with pytest.raises(BatchError, match="^batch 7 has 100 columns"):
+        trainer.fit(SparseStream(30, bad={7: torch.randn(B, 100)}))
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000005"
+    saes, state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path))
+    assert state["step"] == 5 and set(saes) == {"topk", "gated", "relu", "switch"}
+    resumed = Trainer.resume(tmp_path)
+    resumed.fit(SparseStream(30))
+    assert resumed.step == 30
+
+
+# -------------------------------------------------------------------------------------------------
+# Killed in the middle of a checkpoint write
+
+def kill_test_setup() -> tuple[dict, TrainConfig, SparseStream]:
+    """The run the child trains (and the parent repeats uninterrupted): checkpoints at 4, 8, 12."""
+    saes = {"topk": build_sae(make_config("topk", d_in=D, d_sae=F, k=4, dead_tokens=2 * B))}
+    return saes, train_cfg(total_steps=12, checkpoint_every=4), SparseStream(12)
+
+
+def child_main(run_dir: str) -> None:
+    """Train; on the second checkpoint, block after its first SAE folder is written."""
+    import workbench.io
+
+    torch.set_num_threads(1)
+    real_save, calls = workbench.io.save, []
+
+    def save_then_block(*args, **kwargs):
+        out = real_save(*args, **kwargs)
+        calls.append(args[1])
+        if len(calls) == 2:
+            print(KILL_MARKER, flush=True)
+            time.sleep(120)
+        return out
+
+    workbench.io.save = save_then_block
+    saes, cfg, stream = kill_test_setup()
+    Trainer(saes, cfg, run_dir=run_dir).fit(stream)
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import test_checkpoint
+        test_checkpoint.child_main(sys.argv[1])
+    """))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = child.stdout.readline()  # blocks until the child is inside the second write
+        assert line.strip() == KILL_MARKER, f"child never reached the write: {line!r} {child.stderr.read()}"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000004\n"
+    assert not (ckpts / "step_00000008").exists()
+    partial = ckpts / ".step_00000008.tmp"
+    assert (partial / "saes" / "topk" / "cfg.json").is_file()
+    assert not (partial / "trainer_state.pt").exists()
+
+    saes, state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run_dir))
+    assert state["step"] == 4 and list(saes) == ["topk"]
+
+    resumed = Trainer.resume(run_dir)
+    assert not partial.exists()
+    assert resumed.step == 4
+    _, cfg, stream = kill_test_setup()
+    resumed.fit(stream)
+    straight_saes, cfg, stream = kill_test_setup()
+    straight = Trainer(straight_saes, cfg, run_dir=tmp_path / "straight")
+    straight.fit(stream)
+    assert_same_run(straight, resumed)

@@ -1,0 +1,152 @@
+"""Crash-safe checkpoints of a training run::
+
+    run_dir/checkpoints/step_00001000/saes/<name>/cfg.json, sae_weights.safetensors
+                                     /trainer_state.pt
+    run_dir/checkpoints/latest          name of the newest complete checkpoint ("step_00001000")
+    run_dir/saes/<name>/                the final SAEs, written when training ends
+
+A checkpoint is written into a hidden ``.step_XXXXXXXX.tmp`` sibling, fsynced, renamed into place,
+and only then is ``latest`` switched to it (itself by writing a temporary file and renaming), so a
+crash at any moment leaves the previous checkpoint whole. Resuming deletes the leftover temporary.
+
+``trainer_state.pt`` holds only tensors and plain Python values (dicts, lists, numbers, strings) and
+is read with ``torch.load(weights_only=True)``: loading a checkpoint never unpickles objects.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import io as sae_io
+from ..saes.base import BaseSAE
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+STATE_FILE = "trainer_state.pt"
+SAES_DIR = "saes"
+TMP_SUFFIX = ".tmp"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_checkpoint(run_dir: str | Path, step: int, saes: dict[str, BaseSAE], state: dict[str, Any],
+                     metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``run_dir/checkpoints/step_{step:08d}/`` atomically and point ``latest`` at it."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    final = root / checkpoint_name(step)
+    tmp = root / f".{final.name}{TMP_SUFFIX}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, sae in saes.items():
+        sae_io.save(sae, tmp / SAES_DIR / name, metadata)
+    torch.save(state, tmp / STATE_FILE)
+    _fsync_tree(tmp)
+    if final.exists():
+        # Left by a run that died before pointing `latest` at it; this run has since moved on.
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_path(root)
+    _write_text_atomic(root / LATEST_FILE, final.name + "\n")
+    return final
+
+
+def save_final_saes(run_dir: str | Path, saes: dict[str, BaseSAE], metadata: dict[str, Any]) -> None:
+    """The trained SAEs as ``run_dir/saes/<name>/``, loadable with ``workbench.io.load``."""
+    for name, sae in saes.items():
+        sae_io.save(sae, Path(run_dir) / SAES_DIR / name, metadata)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder ``latest`` points to; if the pointer is missing or dangling (a crash between the
+    rename and the pointer update), the complete checkpoint with the highest step; None if none."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        folder = root / pointer.read_text().strip()
+        if (folder / STATE_FILE).is_file():
+            return folder
+    complete = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()]
+    return max(complete, key=lambda p: int(p.name.removeprefix("step_")), default=None)
+
+
+def remove_partial_writes(run_dir: str | Path) -> list[Path]:
+    """Delete the temporaries of checkpoint writes that never finished; returns what was removed."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    leftovers = list(root.glob(f".*{TMP_SUFFIX}"))
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return leftovers
+
+
+def load_checkpoint(folder: str | Path) -> tuple[dict[str, BaseSAE], dict[str, Any]]:
+    """The SAEs (architecture and weights from their folders) and the trainer state of a checkpoint.
+
+    The state's per-SAE ``module`` entries also hold the buffers (e.g. TopK's ``tokens_since_fired``)
+    that the SAE folders leave out; ``Trainer.load_state_dict`` applies them.
+    """
+    folder = Path(folder)
+    try:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{folder / STATE_FILE} cannot be read ({e}); resume from an earlier "
+                         f"checkpoint by pointing {folder.parent / LATEST_FILE} at it") from None
+    saes = {name: sae_io.load(folder / SAES_DIR / name) for name in state["saes"]}
+    return saes, state
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU), python ``random`` and numpy generator states as tensors and plain values."""
+    version, internal, gauss_next = random.getstate()
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["algorithm"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file, then every directory bottom-up, so the rename publishes durable data."""
+    for dirpath, _, filenames in os.walk(folder, topdown=False):
+        for filename in filenames:
+            _fsync_path(Path(dirpath) / filename)
+        _fsync_path(Path(dirpath))
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
