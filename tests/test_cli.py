@@ -1,0 +1,99 @@
+"""The ``workbench`` command as a user runs it: train from a config file, help, errors, resume."""
+import json
+
+import pytest
+import torch
+
+from workbench import io
+from workbench.cli import build_parser, main
+
+TINY = """\
+run_dir: {run_dir}
+train: {{total_steps: 40, lr: 3e-3, log_every: 10, checkpoint_every: 20, progress_bar: false}}
+data:
+  batch_size: 128
+  eval_tokens: 512
+  synthetic: {{d: 16, n_features: 48, mean_active: 3}}
+saes:
+  topk:   {{architecture: topk, d_sae: 64, k: 3}}
+  switch: {{architecture: switch, d_sae: 64, k: 3, n_experts: 4}}
+"""
+
+
+def _write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_train_writes_sae_folders_metrics_and_table(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", str(_write(tmp_path, TINY.format(run_dir=run_dir)))]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["SAE", "MSE", "FVU", "L0", "dead", "gamma", "recovery"]
+    assert [line.split()[0] for line in table.splitlines()[2:4]] == ["topk", "switch"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"topk", "switch"} and metrics["topk"]["l0"] <= 3
+    sae = io.load(run_dir / "saes" / "switch")
+    assert sae.cfg.d_in == 16 and sae.cfg.n_experts == 4
+    assert (run_dir / "checkpoints" / "step_00000020").is_dir()
+
+
+def test_json_config_and_run_dir_override(tmp_path):
+    cfg = {"train": {"total_steps": 5, "progress_bar": False}, "run_dir": "ignored",
+           "data": {"batch_size": 64, "eval_tokens": 128, "synthetic": {"d": 8, "n_features": 16, "mean_active": 2}},
+           "saes": {"g": {"architecture": "gated", "d_sae": 32}}}
+    path = _write(tmp_path, json.dumps(cfg), "run.json")
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "here")]) == 0
+    assert io.load(tmp_path / "here" / "saes" / "g").cfg.architecture == "gated"
+
+
+def test_resume_continues_to_the_same_weights(tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    main(["train", str(_write(tmp_path, TINY.format(run_dir=straight), "a.yaml"))])
+
+    interrupted = tmp_path / "interrupted"
+    config = _write(tmp_path, TINY.format(run_dir=interrupted), "b.yaml")
+    # The first attempt's stream runs dry after 20 batches, right after its step-20 checkpoint.
+    from workbench.data.synthetic import SyntheticData
+    full = SyntheticData.batches
+    with monkeypatch.context() as patch:
+        patch.setattr(SyntheticData, "batches", lambda self, size, n=None, seed=0: full(self, size, 20, seed))
+        with pytest.warns(UserWarning):
+            main(["train", str(config)])
+    assert main(["train", str(config), "--resume"]) == 0
+    for name in ("topk", "switch"):
+        a, b = io.load(straight / "saes" / name), io.load(interrupted / "saes" / name)
+        for (pname, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p, q), (name, pname)
+
+
+def test_help_is_generated_from_field_docstrings():
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "Weight alpha of the load-balancing loss (3 in the paper's runs)." in text
+    assert "Fraction of ``total_steps`` at the end over which the lr decays linearly to 0." in text
+    assert "saes.<name> with architecture: gated" in text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {total_steps: 5}\nsaes: {a: {architecture: topk, d_sae: 64, k: 3}}\nmodel: gpt2\n",
+     "config: unknown key(s) ['model']; valid keys are ['data', 'run_dir', 'saes', 'train']"),
+    ("train: {total_steps: 5, lr_rate: 1}\nsaes: {a: {architecture: topk, d_sae: 64, k: 3}}\n",
+     "config.train: unknown key(s) ['lr_rate']"),
+    ("train: {total_steps: 5}\nsaes: {a: {architecture: topk, d_sae: 64, k: 64}}\n",
+     "saes.a: k=64 must be smaller than the number of latents d_sae (64)"),
+    ("train: {total_steps: 5}\nsaes: {a: {architecture: moe, d_sae: 64}}\n", "saes.a: unknown architecture 'moe'"),
+    ("train: {total_steps: 0}\nsaes: {a: {architecture: topk, d_sae: 64, k: 3}}\n",
+     "TrainConfig.total_steps=0 must be a positive integer"),
+    ("saes: {a: {architecture: topk, d_sae: 64, k: 3}}\n", "config: missing required key(s) ['train']"),
+    ("train: {total_steps: 5\n", "is not valid YAML"),
+])
+def test_bad_configs_exit_with_one_line(tmp_path, capsys, text, message):
+    assert main(["train", str(_write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file" in capsys.readouterr().err
