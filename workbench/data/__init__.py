@@ -1,0 +1,1 @@
+"""Activation sources: synthetic activations built from known feature directions."""

@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction, sparsity, dead/dense-latent and Switch-routing metrics."""
