@@ -121,3 +121,17 @@ def test_config_with_invalid_values(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "n_experts": 3}))
     with pytest.raises(ValueError, match="does not describe a valid SAE: d_sae=40 is not divisible by n_experts=3"):
         io.load(tmp_path)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_folded_scale_reads_raw_activations(arch, tmp_path):
+    sae = _trained_like(arch).eval()
+    scale = 0.37
+    x_raw = torch.randn(9, 12) * 5
+    trained_view = sae(scale * x_raw)
+    io.save(sae, tmp_path, input_scale=scale)
+    loaded = io.load(tmp_path)
+    raw_view = loaded(x_raw)
+    torch.testing.assert_close(raw_view.code.dense(), trained_view.code.dense(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(raw_view.recon_BD, trained_view.recon_BD / scale, atol=1e-4, rtol=1e-5)
+    assert io.read_config(tmp_path)["metadata"]["folded_input_scale"] == scale

@@ -7,6 +7,7 @@ Weights are safetensors only: nothing here ever unpickles.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,37 @@ def sae_tensors(sae: BaseSAE) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in sae.named_parameters()}
 
 
-def save(sae: BaseSAE, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+@torch.no_grad()
+def fold_input_scale(sae: BaseSAE, scale: float) -> BaseSAE:
+    """A copy of ``sae`` that works on raw activations x when ``sae`` was trained on scale * x.
+
+    Every architecture reads x only through (x - b) @ W for its input-side biases b (b_dec, and
+    b_router for Switch) and writes it through W_dec and b_dec, so with s = scale:
+    W_enc <- s W_enc, W_router <- s W_router, b_dec <- b_dec / s, b_router <- b_router / s,
+    W_dec <- W_dec / s. The latents are unchanged; decoder rows now have norm 1/s.
+    """
+    folded = copy.deepcopy(sae)
+    params = dict(folded.named_parameters())
+    for name in ("W_enc", "W_router"):
+        if name in params:
+            params[name].mul_(scale)
+    for name in ("W_dec", "b_dec", "b_router"):
+        if name in params:
+            params[name].div_(scale)
+    return folded
+
+
+def save(sae: BaseSAE, path: str | Path, metadata: dict[str, Any] | None = None,
+         input_scale: float | None = None) -> Path:
     """Write ``sae`` to the folder ``path`` (created if needed). ``metadata`` (e.g. the model and
-    site the SAE was trained on) is stored in cfg.json under ``"metadata"``."""
+    site the SAE was trained on) is stored in cfg.json under ``"metadata"``. If the SAE was trained
+    on normalised activations ``input_scale * x``, pass that scale: it is folded into the weights
+    (:func:`fold_input_scale`) so the saved SAE reads raw activations."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    if input_scale is not None:
+        sae = fold_input_scale(sae, input_scale)
+        metadata = {**(metadata or {}), "folded_input_scale": input_scale}
     fields = sae.cfg.to_dict()
     cfg = {
         **fields,
