@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.saes import build_sae, make_config
+from workbench import io as sae_io
+from workbench.saes import TopKConfig, TopKSAE, build_sae, make_config
 from workbench.train import BatchError, TrainConfig, Trainer
 from workbench.train import checkpoint
 
@@ -280,3 +281,23 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     straight = Trainer(straight_saes, cfg, run_dir=tmp_path / "straight")
     straight.fit(stream)
     assert_same_run(straight, resumed)
+
+
+def test_final_saes_fold_the_input_scale_and_keep_metadata_across_resume(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    raw = [torch.randn(64, 16, generator=gen) * 4 for _ in range(6)]
+    scale = 0.25
+    sae = TopKSAE(TopKConfig(d_in=16, d_sae=32, k=3))
+    cfg = TrainConfig(total_steps=6, checkpoint_every=3, progress_bar=False)
+    trainer = Trainer({"a": sae}, cfg, run_dir=tmp_path, metadata={"site": "resid_post.2"}, input_scale=scale)
+    with pytest.warns(UserWarning, match="ran out after 3 batches"):
+        trainer.fit([scale * x for x in raw][:3])
+    resumed = Trainer.resume(tmp_path, cfg)
+    resumed.fit([scale * x for x in raw])
+    final = sae_io.load(tmp_path / "saes" / "a")
+    meta = sae_io.read_config(tmp_path / "saes" / "a")["metadata"]
+    assert meta["site"] == "resid_post.2" and meta["folded_input_scale"] == scale
+    trained = resumed.saes["a"].eval()
+    torch.testing.assert_close(final(raw[0]).recon_BD, trained(scale * raw[0]).recon_BD / scale, atol=1e-4, rtol=1e-5)
+    checkpointed = sae_io.read_config(tmp_path / "checkpoints" / "step_00000006" / "saes" / "a")["metadata"]
+    assert checkpointed["reads_scaled_input"] == scale

@@ -58,10 +58,12 @@ def write_checkpoint(run_dir: str | Path, step: int, saes: dict[str, BaseSAE], s
     return final
 
 
-def save_final_saes(run_dir: str | Path, saes: dict[str, BaseSAE], metadata: dict[str, Any]) -> None:
-    """The trained SAEs as ``run_dir/saes/<name>/``, loadable with ``workbench.io.load``."""
+def save_final_saes(run_dir: str | Path, saes: dict[str, BaseSAE], metadata: dict[str, Any],
+                    input_scale: float | None = None) -> None:
+    """The trained SAEs as ``run_dir/saes/<name>/``, loadable with ``workbench.io.load``, with
+    ``input_scale`` (the activation normalisation they were trained under) folded in."""
     for name, sae in saes.items():
-        sae_io.save(sae, Path(run_dir) / SAES_DIR / name, metadata)
+        sae_io.save(sae, Path(run_dir) / SAES_DIR / name, metadata, input_scale=input_scale)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

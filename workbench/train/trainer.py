@@ -116,10 +116,16 @@ class Trainer:
     """
 
     def __init__(self, saes: BaseSAE | dict[str, BaseSAE], cfg: TrainConfig,
-                 run_dir: str | Path | None = None):
+                 run_dir: str | Path | None = None, *, metadata: dict[str, Any] | None = None,
+                 input_scale: float | None = None):
         self.saes = _named(saes)
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        # Written into every saved SAE's cfg.json (e.g. the model and site it was trained on).
+        self.metadata = dict(metadata or {})
+        # The stream holds input_scale * raw activations; the final SAE folders get the scale folded
+        # in so they read raw activations (checkpoints keep the SAEs as trained).
+        self.input_scale = input_scale
         if cfg.checkpoint_every is not None and self.run_dir is None:
             raise ValueError(f"TrainConfig.checkpoint_every={cfg.checkpoint_every} needs a run_dir to "
                              f"write checkpoints to; pass Trainer(..., run_dir=...)")
@@ -199,7 +205,7 @@ class Trainer:
         if self.run_dir is not None:
             if self._checkpointed_step != self.step:
                 self._checkpoint()
-            checkpoint.save_final_saes(self.run_dir, self.saes, self._metadata())
+            checkpoint.save_final_saes(self.run_dir, self.saes, self._metadata(), self.input_scale)
         for sae in self.saes.values():
             sae.eval()
         return self.history
@@ -294,11 +300,14 @@ class Trainer:
             bar.set_postfix(losses, refresh=False)
 
     def _checkpoint(self) -> None:
-        checkpoint.write_checkpoint(self.run_dir, self.step, self.saes, self.state_dict(), self._metadata())
+        metadata = self._metadata()
+        if self.input_scale is not None:
+            metadata["reads_scaled_input"] = self.input_scale  # checkpointed SAEs are not folded
+        checkpoint.write_checkpoint(self.run_dir, self.step, self.saes, self.state_dict(), metadata)
         self._checkpointed_step = self.step
 
     def _metadata(self) -> dict[str, Any]:
-        return {"trained_steps": self.step, "trained_tokens": self.tokens_seen}
+        return {**self.metadata, "trained_steps": self.step, "trained_tokens": self.tokens_seen}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run, as tensors and plain Python values only."""
@@ -317,6 +326,8 @@ class Trainer:
                      for name, sae in self.saes.items()},
             "history": list(self.history),
             "rng": checkpoint.rng_state(),
+            "metadata": self.metadata,
+            "input_scale": self.input_scale,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -336,6 +347,8 @@ class Trainer:
         self.tokens_seen = state["tokens_seen"]
         self.history = list(state["history"])
         self._resumed_rng = state["rng"]
+        self.metadata = dict(state["metadata"])
+        self.input_scale = state["input_scale"]
         self._checkpointed_step = self.step
 
     @classmethod
