@@ -155,8 +155,8 @@ class ActivationSource:
         self.model, self.tokenizer = load_model(cfg.name, device=device)
         self.site = resolve_site(self.model, cfg.site)
         options = f"exclude_special={cfg.exclude_special},drop_outliers={cfg.drop_outliers}"
-        self.train = self._store(cfg.train_split, cfg.n_tokens, options)
-        self.eval = self._store(cfg.eval_split, eval_tokens, options)
+        self.train = self._store(False, cfg.n_tokens, options)
+        self.eval = self._store(True, eval_tokens, options)
         self.d = self.train.d
         self.scale = self.train.norm_scale() if cfg.normalize else None
 
@@ -165,22 +165,26 @@ class ActivationSource:
             return cpython_texts(split)
         return load_texts(self.cfg.text, split=split, text_column=self.cfg.text_column)
 
-    def contexts(self, split: str) -> Iterator[TokenBatch]:
-        """Token contexts of a split; a held-out split shared with training starts after the
-        training contexts."""
+    def contexts(self, held_out: bool) -> Iterator[TokenBatch]:
+        """Token contexts of the training or the held-out split; held-out text taken from the
+        training split starts after the contexts harvested for training."""
+        split = self.cfg.eval_split if held_out else self.cfg.train_split
         batches = tokenize_contexts(self._texts(split), self.tokenizer,
                                     context_length=self.cfg.context_length, progress=False)
-        if split == self.cfg.eval_split and split == self.cfg.train_split:
+        if held_out and split == self.cfg.train_split:
             return (b for b in batches if int(b.seq_S[0]) >= self.train.n_contexts)
         return batches
 
-    def _store(self, split: str, n_tokens: int, options: str) -> ActivationStore:
+    def _store(self, held_out: bool, n_tokens: int, options: str) -> ActivationStore:
+        split = self.cfg.eval_split if held_out else self.cfg.train_split
+        if held_out and split == self.cfg.train_split:
+            split = f"{split}[after {self.train.n_contexts} contexts]"
         key = CacheKey(model=self.cfg.name, site=self.site.name, text=f"{self.cfg.text}:{split}",
                        n_tokens=n_tokens, context_length=self.cfg.context_length, options=options)
         special = self.tokenizer.all_special_ids if self.cfg.exclude_special else ()
 
         def produce(start_context: int) -> Iterator[ActivationChunk]:
-            batches = (b for b in self.contexts(split) if int(b.seq_S[-1]) >= start_context)
+            batches = (b for b in self.contexts(held_out) if int(b.seq_S[-1]) >= start_context)
             return harvest(self.model, self.site, batches, exclude_special_ids=special,
                            drop_outliers=self.cfg.drop_outliers, progress=False)  # the store counts tokens
 
@@ -189,7 +193,7 @@ class ActivationSource:
     def downstream_batches(self) -> Iterator[TokenBatch]:
         """The first ``downstream_contexts`` held-out contexts."""
         remaining = self.cfg.downstream_contexts
-        for batch in self.contexts(self.cfg.eval_split):
+        for batch in self.contexts(held_out=True):
             if remaining <= 0:
                 return
             yield TokenBatch(*(t[:remaining] for t in batch))
