@@ -67,7 +67,7 @@ class Site:
         return model.get_submodule(self.module_path)
 
 
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """(path, ModuleList) of the model's transformer blocks, or None for a model without one."""
     for path, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and path.rsplit(".", 1)[-1] in LAYER_LIST_NAMES:
@@ -87,7 +87,7 @@ def _first_submodule(block: nn.Module, candidates: tuple[str, ...]) -> str | Non
 
 def valid_sites(model: nn.Module) -> list[str]:
     """Every named site of this model, grouped by kind: resid_pre.0, resid_pre.1, ..., mlp_out.N."""
-    found = _layer_list(model)
+    found = block_list(model)
     if found is None:
         return []
     _, blocks = found
@@ -104,7 +104,7 @@ def valid_sites(model: nn.Module) -> list[str]:
 
 def _describe_sites(model: nn.Module) -> str:
     """The named sites compactly ("resid_pre.0-5, resid_post.0-5, ...") plus a module path example."""
-    found = _layer_list(model)
+    found = block_list(model)
     if found is None:
         return "a module path such as one of " + ", ".join(
             repr(p) for p, _ in list(model.named_modules())[1:4])
@@ -137,7 +137,7 @@ def resolve_site(model: nn.Module, site: str) -> Site:
         return Site(name=site, module_path=site, kind="output", layer=_layer_of_path(model, site))
 
     kind, layer = match.group(1), int(match.group(2))
-    found = _layer_list(model)
+    found = block_list(model)
     if found is None:
         raise ValueError(
             f"site {site!r}: found no list of transformer blocks in {type(model).__name__} (looked for a "
@@ -167,7 +167,7 @@ def resolve_site(model: nn.Module, site: str) -> Site:
 
 def _layer_of_path(model: nn.Module, module_path: str) -> int | None:
     """Block index of a module path inside the layer list ("encoder.layer.3.output" -> 3)."""
-    found = _layer_list(model)
+    found = block_list(model)
     if found is None:
         return None
     prefix = found[0] + "."
