@@ -50,7 +50,7 @@ def demo_config(run_dir: str, steps: int, synthetic: bool) -> RunConfig:
     if synthetic:
         return RunConfig(saes=demo_saes(1024, 8), train=train, run_dir=run_dir,
                          data=DataConfig(source="synthetic"))
-    return RunConfig(saes=demo_saes(3072, 32), train=train, run_dir=run_dir, data=DataConfig(source="model"))
+    return RunConfig(saes=demo_saes(2048, 32), train=train, run_dir=run_dir, data=DataConfig(source="model"))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
