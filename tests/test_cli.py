@@ -11,6 +11,7 @@ TINY = """\
 run_dir: {run_dir}
 train: {{total_steps: 40, lr: 3e-3, log_every: 10, checkpoint_every: 20, progress_bar: false}}
 data:
+  source: synthetic
   batch_size: 128
   eval_tokens: 512
   synthetic: {{d: 16, n_features: 48, mean_active: 3}}
@@ -41,7 +42,7 @@ def test_train_writes_sae_folders_metrics_and_table(tmp_path, capsys):
 
 def test_json_config_and_run_dir_override(tmp_path):
     cfg = {"train": {"total_steps": 5, "progress_bar": False}, "run_dir": "ignored",
-           "data": {"batch_size": 64, "eval_tokens": 128, "synthetic": {"d": 8, "n_features": 16, "mean_active": 2}},
+           "data": {"source": "synthetic", "batch_size": 64, "eval_tokens": 128, "synthetic": {"d": 8, "n_features": 16, "mean_active": 2}},
            "saes": {"g": {"architecture": "gated", "d_sae": 32}}}
     path = _write(tmp_path, json.dumps(cfg), "run.json")
     assert main(["train", str(path), "--run-dir", str(tmp_path / "here")]) == 0

@@ -23,9 +23,12 @@ from .data.synthetic import SyntheticConfig, SyntheticData, recovery_score
 from .data.text import load_texts, tokenize_contexts
 from .data.types import ActivationChunk, TokenBatch
 from .eval.downstream import splice_scores
+from .eval.features import build_feature_index, unembedding
 from .eval.metrics import evaluate
+from .eval.router import analyze_router
 from .io import fold_input_scale
-from .saes import BaseSAE, build_sae, make_config
+from .io import load as load_sae
+from .saes import BaseSAE, SAEConfig, build_sae, make_config
 from .train.trainer import TrainConfig, Trainer
 
 DATA_SOURCES = ("model", "synthetic")
@@ -119,28 +122,38 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         cfg = from_dict(cls, data)
-        cfg.data.validate()
-        if not isinstance(cfg.saes, dict) or not cfg.saes:
-            raise ValueError("saes: give at least one SAE, e.g. {my_sae: {architecture: topk, d_sae: 1024, k: 8}}")
+        cfg.validate()
         return cfg
+
+    def validate(self) -> None:
+        """Check everything that can be checked before loading a model or harvesting: the data
+        settings and every SAE's fields (all but d_in, which comes from the data)."""
+        self.data.validate()
+        if not isinstance(self.saes, dict) or not self.saes:
+            raise ValueError("saes: give at least one SAE, e.g. {my_sae: {architecture: topk, d_sae: 1024, k: 8}}")
+        for name, fields in self.saes.items():
+            _sae_config(name, fields, fields.get("d_in", 1) if isinstance(fields, dict) else 1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+def _sae_config(name: str, fields: Any, d_in: int) -> SAEConfig:
+    if not isinstance(fields, dict) or "architecture" not in fields:
+        raise ValueError(f"saes.{name} must be a mapping with an 'architecture' key (topk, gated, relu, switch)")
+    try:
+        return make_config(**{"d_in": d_in, **fields})
+    except ValueError as e:
+        raise ValueError(f"saes.{name}: {e}") from None
+
+
 def build_saes(cfg: RunConfig, d_in: int) -> dict[str, BaseSAE]:
     saes = {}
     for name, fields in cfg.saes.items():
-        if not isinstance(fields, dict) or "architecture" not in fields:
-            raise ValueError(f"saes.{name} must be a mapping with an 'architecture' key (topk, gated, relu, switch)")
-        fields = {"d_in": d_in, **fields}
-        if fields["d_in"] != d_in:
+        if fields.get("d_in", d_in) != d_in:
             raise ValueError(f"saes.{name}.d_in={fields['d_in']} but the data has d={d_in}; "
                              f"drop d_in to use the data's width")
-        try:
-            saes[name] = build_sae(make_config(**fields))
-        except ValueError as e:
-            raise ValueError(f"saes.{name}: {e}") from None
+        saes[name] = build_sae(_sae_config(name, fields, d_in))
     return saes
 
 
@@ -211,6 +224,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str
     "recovery" (the mean best cosine of each true feature with a decoder row); model activations
     add the downstream scores of :func:`workbench.eval.downstream.splice_scores`.
     """
+    cfg.validate()
     cfg.train.progress_bar = cfg.train.progress_bar and progress
     run_dir = Path(cfg.run_dir)
     data = cfg.data
@@ -264,3 +278,66 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [header] + rows]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+# -------------------------------------------------------------------------------------------------
+# Feature indexes of a finished run, for the feature browser
+
+FEATURES_DIR = "features"
+"""A run's feature indexes live in run_dir/features/<sae name>/ (with the router analysis of a
+Switch SAE in the same folder)."""
+
+
+def read_run(run_dir: str | Path) -> RunConfig:
+    """The config of the finished run in ``run_dir``, or a one-line error saying what is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder at {run_dir}; train one with `workbench train CONFIG`")
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no finished run (no config.json); train one with "
+                                f"`workbench train CONFIG`, or wait for the run to finish")
+    return RunConfig.from_dict(json.loads(config.read_text()))
+
+
+def run_sae_names(run_dir: str | Path, sae_names: list[str] | None = None) -> list[str]:
+    """The names of the SAEs saved in ``run_dir`` (all, or ``sae_names`` after checking they exist)."""
+    saved = sorted(p.name for p in (Path(run_dir) / "saes").glob("*") if p.is_dir())
+    if not saved:
+        raise FileNotFoundError(f"{run_dir} has no saved SAEs under {Path(run_dir) / 'saes'}")
+    unknown = [name for name in sae_names or [] if name not in saved]
+    if unknown:
+        raise ValueError(f"no SAE named {unknown[0]!r} in {run_dir}; it has {', '.join(saved)}")
+    return list(sae_names) if sae_names else saved
+
+
+def features_dir(run_dir: str | Path, sae_name: str) -> Path:
+    return Path(run_dir) / FEATURES_DIR / sae_name
+
+
+def index_run(run_dir: str | Path, sae_names: list[str] | None = None, progress: bool = True) -> dict[str, Path]:
+    """Build what the feature browser shows for each SAE of a finished run (all, or ``sae_names``):
+    the feature index on the run's held-out activations and, for a Switch SAE, the router analysis,
+    both saved into run_dir/features/<name>/. Returns {name: that folder}.
+
+    The held-out store is the run's own (rebuilt from config.json, so it comes from the activation
+    cache when that is still there). Saved SAEs read raw activations, so nothing is rescaled.
+    """
+    cfg = read_run(run_dir)
+    names = run_sae_names(run_dir, sae_names)
+    if cfg.data.source != "model":
+        raise ValueError(f"feature index needs a run on model activations; this run used {cfg.data.source} "
+                         f"data, which has no tokens to show")
+    source = ActivationSource(cfg.data.model, cfg.data.eval_tokens, progress)
+    device = next(source.model.parameters()).device
+    unembed_VD = unembedding(source.model)
+    folders = {}
+    for name in names:
+        sae = load_sae(Path(run_dir) / "saes" / name).to(device)
+        folder = features_dir(run_dir, name)
+        build_feature_index(sae, source.eval, source.tokenizer, unembed_VD=unembed_VD,
+                            progress=progress).save(folder)
+        if sae.cfg.architecture == "switch":
+            analyze_router(sae, source.eval, source.tokenizer, progress=progress).save(folder)
+        folders[name] = folder
+    return folders
