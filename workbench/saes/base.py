@@ -182,13 +182,38 @@ def geometric_median(x_BD: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Te
     return median_D.float()
 
 
+def _latent_order(idx_BK: Tensor, d_sae: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group the B*K (token, latent) pairs by latent.
+
+    Returns ``order_N`` (the pairs' flat positions sorted by latent id), ``token_N`` (the token of
+    each sorted pair) and ``offsets_F`` (where each latent's run starts in the sorted list), the
+    layout of an embedding_bag with one bag per latent.
+    """
+    idx_N = idx_BK.reshape(-1)
+    order_N = idx_N.argsort()
+    counts_F = torch.bincount(idx_N, minlength=d_sae)
+    offsets_F = counts_F.cumsum(0).sub_(counts_F)
+    return order_N, order_N.div(idx_BK.shape[1], rounding_mode="floor"), offsets_F
+
+
+def _segment_sum(src_BD: Tensor, weight_N: Tensor, idx_BK: Tensor, d_sae: int) -> Tensor:
+    """(F, D) tensor whose row f is sum over pairs (b, k) with idx[b, k] == f of weight[b, k] * src[b].
+
+    An embedding_bag over the pairs sorted by latent: it gathers and sums rows of ``src`` per latent
+    and never builds the (B*K, D) tensor of products that an index_add would need.
+    """
+    order_N, token_N, offsets_F = _latent_order(idx_BK, d_sae)
+    return F.embedding_bag(token_N, src_BD, offsets_F, mode="sum",
+                           per_sample_weights=weight_N.reshape(-1)[order_N])
+
+
 class _SparseEncode(torch.autograd.Function):
     """Given pre-activations already computed, pass gradient only to the selected latents.
 
     forward(x_BD, b_pre_D, W_enc_DF, b_enc_F, acts_BK, idx_BK) -> acts_BK
-    The gradient of the selected pre-activations is scattered into W_enc's rows of the active
-    latents only (an index_add over B*K rows, never a dense (B, F) matmul), and b_pre's gradient is
-    summed over the batch before touching W_enc (Gao et al. App. D).
+    The gradient of the selected pre-activations reaches W_enc's columns of the active latents only
+    (a per-latent segment sum over the B*K pairs, never a dense (B, F) matmul), and b_pre's gradient
+    is summed over the batch before touching W_enc (Gao et al. App. D).
     """
 
     @staticmethod
@@ -202,17 +227,12 @@ class _SparseEncode(torch.autograd.Function):
         x_BD, b_pre_D, W_enc_DF, idx_BK, acts_BK = ctx.saved_tensors
         # Gradient of ReLU(pre) at the kept entries: zero where the kept value was clamped to 0.
         grad_BK = grad_BK * (acts_BK > 0)
-        d_in, d_sae = W_enc_DF.shape
-        idx_N = idx_BK.reshape(-1)
-        grad_N = grad_BK.reshape(-1)
+        d_sae = W_enc_DF.shape[1]
         grad_W = grad_b_pre = grad_b_enc = None
         if ctx.needs_input_grad[2]:
-            xc_BD = x_BD - b_pre_D
-            contrib_BKD = grad_BK.unsqueeze(-1) * xc_BD.unsqueeze(1)
-            grad_W_FD = W_enc_DF.new_zeros(d_sae, d_in).index_add_(0, idx_N, contrib_BKD.reshape(-1, d_in))
-            grad_W = grad_W_FD.t()
+            grad_W = _segment_sum(x_BD - b_pre_D, grad_BK, idx_BK, d_sae).t()
         if ctx.needs_input_grad[1] or (ctx.has_b_enc and ctx.needs_input_grad[3]):
-            grad_sum_F = W_enc_DF.new_zeros(d_sae).index_add_(0, idx_N, grad_N)
+            grad_sum_F = W_enc_DF.new_zeros(d_sae).index_add_(0, idx_BK.reshape(-1), grad_BK.reshape(-1))
             if ctx.needs_input_grad[1]:
                 grad_b_pre = -(W_enc_DF @ grad_sum_F)
             if ctx.has_b_enc and ctx.needs_input_grad[3]:
@@ -229,9 +249,37 @@ def sparse_encode(x_BD: Tensor, b_pre_D: Tensor, W_enc_DF: Tensor, b_enc_F: Tens
     return _SparseEncode.apply(x_BD, b_pre_D, W_enc_DF, b_enc_F, acts_BK, idx_BK)
 
 
+class _DecoderWeightGrad(torch.autograd.Function):
+    """Identity on the decoded batch; gives W_dec the gradient of embedding_bag(idx, W_dec, acts)
+    as a per-latent segment sum (the decoded batch's own gradient passes through unchanged)."""
+
+    @staticmethod
+    def forward(ctx, out_BD, acts_BK, idx_BK, W_dec_FD):
+        ctx.save_for_backward(acts_BK, idx_BK)
+        ctx.d_sae = W_dec_FD.shape[0]
+        # Returned as-is and marked dirty (not a view): the caller may modify the result in place.
+        ctx.mark_dirty(out_BD)
+        return out_BD
+
+    @staticmethod
+    def backward(ctx, grad_BD):
+        acts_BK, idx_BK = ctx.saved_tensors
+        grad_W = None
+        if ctx.needs_input_grad[3]:
+            grad_W = _segment_sum(grad_BD.contiguous(), acts_BK, idx_BK, ctx.d_sae)
+        return grad_BD, None, None, grad_W
+
+
 def sparse_decode(acts_BK: Tensor, idx_BK: Tensor, W_dec_FD: Tensor) -> Tensor:
-    """sum_k acts[b, k] * W_dec[idx[b, k]] as an embedding_bag: a gather, not a (B, F) matmul."""
-    return F.embedding_bag(idx_BK, W_dec_FD, per_sample_weights=acts_BK, mode="sum")
+    """sum_k acts[b, k] * W_dec[idx[b, k]] as an embedding_bag: a gather, not a (B, F) matmul.
+
+    The gradient of ``acts`` comes from embedding_bag's own backward; the gradient of ``W_dec`` is a
+    segment sum per latent (:func:`_segment_sum`).
+    """
+    out_BD = F.embedding_bag(idx_BK, W_dec_FD.detach(), per_sample_weights=acts_BK, mode="sum")
+    if W_dec_FD.requires_grad and torch.is_grad_enabled():
+        out_BD = _DecoderWeightGrad.apply(out_BD, acts_BK.detach(), idx_BK, W_dec_FD)
+    return out_BD
 
 
 def check_k(k: int, width: int, what: str) -> None:

@@ -92,21 +92,26 @@ class SwitchSAE(BaseSAE):
 
     @torch.no_grad()
     def _expert_topk(self, x_BD: Tensor, expert_B: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-k (values after ReLU, global latent ids) of each token inside its own expert only."""
+        """Top-k (values after ReLU, global latent ids) of each token inside its own expert only.
+
+        Tokens are grouped by expert; each expert's (n_e, D) x (D, M/E) matmul writes its rows of one
+        (B, M/E) buffer of pre-activations, and a single topk runs over all of them.
+        """
         k, width = self.cfg.k, self.cfg.expert_width
         order_B = expert_B.argsort(stable=True)
         counts = torch.bincount(expert_B, minlength=self.cfg.n_experts).tolist()
-        xc_BD = x_BD[order_B] - self.b_dec
-        vals_BK = x_BD.new_empty(x_BD.shape[0], k)
-        idx_BK = torch.empty(x_BD.shape[0], k, dtype=torch.long, device=x_BD.device)
+        xc_BD = torch.index_select(x_BD, 0, order_B).sub_(self.b_dec)
+        pre_BW = x_BD.new_empty(x_BD.shape[0], width)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                pre_NW = xc_BD[start:start + n] @ self.W_enc[:, e * width:(e + 1) * width]
-                v, i = pre_NW.topk(k, dim=-1, sorted=False)
-                vals_BK[start:start + n] = v.relu_()
-                idx_BK[start:start + n] = i + e * width
+                torch.mm(xc_BD[start:start + n], self.W_enc[:, e * width:(e + 1) * width],
+                         out=pre_BW[start:start + n])
             start += n
+        vals_BK, idx_BK = pre_BW.topk(k, dim=-1, sorted=False)
+        vals_BK.relu_()
+        idx_BK += (expert_B[order_B] * width)[:, None]
+        # Back to the tokens' own order: row order_B[j] of the result is row j of the sorted batch.
         unsorted_vals, unsorted_idx = torch.empty_like(vals_BK), torch.empty_like(idx_BK)
         unsorted_vals[order_B] = vals_BK
         unsorted_idx[order_B] = idx_BK

@@ -17,6 +17,10 @@ from torch import Tensor, nn
 from .base import (BaseSAE, Code, SAEConfig, SAEOutput, check_k, geometric_median, init_tied_weights,
                    sparse_decode, sparse_encode, topk_lr)
 
+_CHUNK_ELEMENTS = 6 * 2**20
+"""Pre-activations per encoder chunk on the CPU (24 MiB in float32: below glibc's 32 MiB mmap
+ceiling, so the chunk buffer is reused from the heap instead of being faulted in afresh)."""
+
 
 @dataclass
 class TopKConfig(SAEConfig):
@@ -83,12 +87,44 @@ class TopKSAE(BaseSAE):
         """(F,) bool: latents that have not fired in the last ``dead_tokens`` training tokens."""
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
+    @torch.no_grad()
+    def _select(self, x_BD: Tensor, dead_F: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Top-k pre-activations (values, latent ids) of each token and, when ``dead_F`` is given, the
+        top-k_aux among the dead latents. On the CPU the rows go through the encoder matmul in chunks
+        of about ``_CHUNK_ELEMENTS`` pre-activations, each selected while it is still in cache, so
+        the (B, F) pre-activations never exist at once (a fresh allocation that size costs as much
+        in page faults as the topk itself)."""
+        n_rows, k = x_BD.shape[0], self.cfg.k
+        chunk = max(1, _CHUNK_ELEMENTS // self.cfg.d_sae) if x_BD.device.type == "cpu" else n_rows
+        xc_BD = x_BD - self.b_dec
+        vals_BK = x_BD.new_empty(n_rows, k)
+        idx_BK = torch.empty(n_rows, k, dtype=torch.long, device=x_BD.device)
+        aux_vals_BK = aux_idx_BK = None
+        if dead_F is not None:
+            k_aux = min(self.cfg.k_aux_eff, int(dead_F.sum()))
+            aux_vals_BK = x_BD.new_empty(n_rows, k_aux)
+            aux_idx_BK = torch.empty(n_rows, k_aux, dtype=torch.long, device=x_BD.device)
+            alive_F = ~dead_F
+        for start in range(0, n_rows, chunk):
+            rows = slice(start, start + chunk)
+            pre_CF = xc_BD[rows] @ self.W_enc
+            if self.cfg.latent_bias:
+                pre_CF += self.b_enc
+            torch.topk(pre_CF, k, dim=-1, sorted=False, out=(vals_BK[rows], idx_BK[rows]))
+            if dead_F is not None:
+                torch.topk(pre_CF.masked_fill_(alive_F, float("-inf")), k_aux, dim=-1, sorted=False,
+                           out=(aux_vals_BK[rows], aux_idx_BK[rows]))
+        return vals_BK, idx_BK, aux_vals_BK, aux_idx_BK
+
     def forward(self, x_BD: Tensor) -> SAEOutput:
         self.check_input(x_BD)
         b_enc = self.b_enc if self.cfg.latent_bias else None
-        with torch.no_grad():
-            pre_BF = self._pre_acts(x_BD)
-            vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
+        dead_F = None
+        if self.training and self.cfg.auxk_coef > 0:
+            dead_F = self.dead_mask()
+            if not dead_F.any():
+                dead_F = None
+        vals_BK, idx_BK, aux_vals_BK, aux_idx_BK = self._select(x_BD, dead_F)
         acts_BK = sparse_encode(x_BD, self.b_dec, self.W_enc, b_enc, vals_BK.relu(), idx_BK)
         recon_BD = sparse_decode(acts_BK, idx_BK, self.W_dec) + self.b_dec
 
@@ -97,20 +133,17 @@ class TopKSAE(BaseSAE):
         losses = {"fvu": err_BD.pow(2).sum(-1).mean() / total_var.clamp_min(1e-12)}
         code = Code(acts_BK, idx_BK, self.cfg.d_sae)
         if self.training:
-            dead_F = self.dead_mask()
             if self.cfg.auxk_coef > 0:
-                losses["auxk"] = self._auxk_loss(x_BD, pre_BF, err_BD.detach(), dead_F, b_enc)
+                if dead_F is None:
+                    losses["auxk"] = x_BD.new_zeros(())
+                else:
+                    losses["auxk"] = self._auxk_loss(x_BD, aux_vals_BK, aux_idx_BK, err_BD.detach(), b_enc)
             self._update_fire_stats(code, x_BD.shape[0])
         return SAEOutput(recon_BD, code, losses)
 
-    def _auxk_loss(self, x_BD: Tensor, pre_BF: Tensor, err_BD: Tensor, dead_F: Tensor,
+    def _auxk_loss(self, x_BD: Tensor, aux_vals_BK: Tensor, aux_idx_BK: Tensor, err_BD: Tensor,
                    b_enc: Tensor | None) -> Tensor:
-        n_dead = int(dead_F.sum())
-        if n_dead == 0:
-            return x_BD.new_zeros(())
-        with torch.no_grad():
-            k_aux = min(self.cfg.k_aux_eff, n_dead)
-            aux_vals_BK, aux_idx_BK = pre_BF.masked_fill(~dead_F, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+        """AuxK from the top-k_aux dead-latent pre-activations picked by :meth:`_select`."""
         aux_acts_BK = sparse_encode(x_BD, self.b_dec, self.W_enc, b_enc, aux_vals_BK.relu(), aux_idx_BK)
         aux_recon_BD = sparse_decode(aux_acts_BK, aux_idx_BK, self.W_dec)
         err_var = (err_BD - err_BD.mean(0)).pow(2).sum(-1).mean()
