@@ -1,4 +1,4 @@
-"""The ``workbench`` command: ``workbench train CONFIG`` and ``workbench demo``."""
+"""The ``workbench`` command: ``workbench train CONFIG``, ``workbench demo``, ``workbench index RUN_DIR`` and ``workbench browse RUN_DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .configtools import describe, read_config_file
-from .run import DataConfig, RunConfig, format_table, run
+from .run import DataConfig, RunConfig, format_table, index_run, run
 from .saes import ARCHITECTURES
 from .train.trainer import TrainConfig
 
@@ -64,7 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    steps = args.steps or (2000 if args.synthetic else 800)
+    steps = args.steps or (2000 if args.synthetic else 500)
     cfg = demo_config(args.run_dir, steps, args.synthetic)
     if args.synthetic:
         what = (f"synthetic activations (d={cfg.data.synthetic.d}, {cfg.data.synthetic.n_features} true "
@@ -100,11 +100,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train TopK, Gated, ReLU and Switch side by side on the offline default")
     demo.add_argument("--run-dir", default="runs/demo", help="where to write the SAE folders (default: runs/demo)")
-    demo.add_argument("--steps", type=int, help="training steps (default: 800; 2000 with --synthetic)")
+    demo.add_argument("--steps", type=int, help="training steps (default: 500; 2000 with --synthetic)")
     demo.add_argument("--synthetic", action="store_true",
                       help="train on synthetic activations with known features and score their recovery")
     demo.set_defaults(func=_cmd_demo)
+    _add_browse_commands(sub)
     return parser
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    for name, folder in index_run(args.run_dir, args.sae).items():
+        print(f"{name}: {folder}")
+    print(f"\nBrowse them with: workbench browse {args.run_dir}")
+    return 0
+
+
+def _cmd_browse(args: argparse.Namespace) -> int:
+    from .ui.app import serve  # Panel takes seconds to import; only this command needs it
+
+    serve(args.run_dir, port=args.port, address=args.address, sae=args.sae)
+    return 0
+
+
+def _add_browse_commands(sub: argparse._SubParsersAction) -> None:
+    """``workbench index RUN_DIR`` and ``workbench browse RUN_DIR``: look inside a finished run."""
+    index = sub.add_parser("index", help="build the feature index (and router analysis) of a run's SAEs",
+                           description="Index every feature of a finished run's SAEs on its held-out "
+                                       "activations (top examples, histograms, output tokens; the router "
+                                       "of a Switch SAE), into RUN_DIR/features/<name>/.")
+    index.add_argument("run_dir", help="a finished run's folder (with config.json and saes/)")
+    index.add_argument("--sae", action="append", metavar="NAME",
+                       help="index only this SAE (repeat for several; default: all)")
+    index.set_defaults(func=_cmd_index)
+
+    browse = sub.add_parser("browse", help="open the feature browser on a run in a web browser",
+                            description="Serve the feature browser and router inspector of a finished run. "
+                                        "SAEs without a feature index are indexed first (once).")
+    browse.add_argument("run_dir", help="a finished run's folder (with config.json and saes/)")
+    browse.add_argument("--port", type=int, default=5006, help="port to serve on (default: 5006)")
+    browse.add_argument("--address", default="127.0.0.1",
+                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 shares it)")
+    browse.add_argument("--sae", metavar="NAME", help="the SAE to show first (default: the first by name)")
+    browse.set_defaults(func=_cmd_browse)
 
 
 def main(argv: list[str] | None = None) -> int:
