@@ -98,3 +98,14 @@ def test_bad_configs_exit_with_one_line(tmp_path, capsys, text, message):
 def test_missing_config_file(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "config file" in capsys.readouterr().err
+
+
+def test_synthetic_demo_prints_topk_recovering_the_true_features(tmp_path, capsys):
+    assert main(["demo", "--synthetic", "--steps", "600", "--run-dir", str(tmp_path / "demo")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line.split() for line in lines if line.startswith("SAE "))
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["topk"], ["gated"],
+                                                                                    ["relu"], ["switch"])}
+    assert set(rows) == {"topk", "gated", "relu", "switch"}
+    assert float(rows["topk"][header.index("recovery")]) >= 0.9
+    assert {p.name for p in (tmp_path / "demo" / "saes").iterdir()} == set(rows)
