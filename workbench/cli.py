@@ -82,7 +82,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     else:
         print("\nMSE, FVU on activations normalised to E|x|^2 = d. fidelity = how much of the gap between the "
               "clean and\nthe zero-ablated final hidden states the SAE closes when spliced in (1 = perfect).")
+        print("\nIndexing the features (top contexts, histograms, router) on the held-out tokens...")
+        index_run(cfg.run_dir)
     print(f"SAE folders: {Path(cfg.run_dir) / 'saes'}/<name>   load with workbench.io.load(folder)")
+    if not args.synthetic:
+        print(f"Look inside: workbench browse {cfg.run_dir}   (total {time.perf_counter() - start:.0f} s)")
     return 0
 
 
