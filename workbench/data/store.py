@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..fsutil import fsync_path, write_text_atomic
 from .types import ActivationChunk, TokenBatch
 
 try:
@@ -613,7 +614,7 @@ class _Harvest:
                 "text_ran_out": n_rows < self.key.n_tokens}
         _write_json_atomic(self.partial / META_FILE, meta)
         os.rename(self.partial, self.folder)
-        _fsync_path(self.folder.parent)
+        fsync_path(self.folder.parent)
         # Leftovers of the harvest; a crash before they go leaves harmless extra files.
         for i in range(len(self.shards)):
             for field in _CONTEXT_DTYPES:
@@ -770,28 +771,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    """Replace path with value in one step (a unique temp file, fsync, rename), so readers see the
-    old or the new file, never half of one, and concurrent writers do not collide."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared cache is read by other users
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(Path(tmp))
-        raise
-    _fsync_path(path.parent)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_text_atomic(path, json.dumps(value, indent=1))
 
 
 def _remove(path: Path) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .. import io as sae_io
+from ..fsutil import fsync_path, write_text_atomic
 from ..saes.base import BaseSAE
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -53,8 +54,8 @@ def write_checkpoint(run_dir: str | Path, step: int, saes: dict[str, BaseSAE], s
         # Left by a run that died before pointing `latest` at it; this run has since moved on.
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_path(root)
-    _write_text_atomic(root / LATEST_FILE, final.name + "\n")
+    fsync_path(root)
+    write_text_atomic(root / LATEST_FILE, final.name + "\n")
     return final
 
 
@@ -128,27 +129,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          npy["has_gauss"], npy["cached_gaussian"]))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
 def _fsync_tree(folder: Path) -> None:
     """fsync every file, then every directory bottom-up, so the rename publishes durable data."""
     for dirpath, _, filenames in os.walk(folder, topdown=False):
         for filename in filenames:
-            _fsync_path(Path(dirpath) / filename)
-        _fsync_path(Path(dirpath))
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_path(Path(dirpath) / filename)
+        fsync_path(Path(dirpath))
