@@ -64,7 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    steps = args.steps or (2000 if args.synthetic else 500)
+    steps = args.steps or (2000 if args.synthetic else 400)
     cfg = demo_config(args.run_dir, steps, args.synthetic)
     if args.synthetic:
         what = (f"synthetic activations (d={cfg.data.synthetic.d}, {cfg.data.synthetic.n_features} true "
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train TopK, Gated, ReLU and Switch side by side on the offline default")
     demo.add_argument("--run-dir", default="runs/demo", help="where to write the SAE folders (default: runs/demo)")
-    demo.add_argument("--steps", type=int, help="training steps (default: 500; 2000 with --synthetic)")
+    demo.add_argument("--steps", type=int, help="training steps (default: 400; 2000 with --synthetic)")
     demo.add_argument("--synthetic", action="store_true",
                       help="train on synthetic activations with known features and score their recovery")
     demo.set_defaults(func=_cmd_demo)
