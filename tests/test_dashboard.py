@@ -1,4 +1,5 @@
 """The live training dashboard, fed by a real Trainer through add_callback."""
+import numpy as np
 import pytest
 import torch
 from bokeh.document import Document
@@ -22,8 +23,15 @@ def trained():
 
 
 def _points(dashboard, metric, sae):
+    """The curve's points as received, after checking that its source draws exactly those: the
+    same steps and values, each segment starting at the point before, then only free NaN rows."""
+    steps, values = dashboard.points[(metric, sae)]
     data = dashboard.sources[(metric, sae)].data
-    return list(data["step"]), list(data["value"])
+    n = len(steps)
+    assert list(data["step"][:n]) == steps and list(data["value"][:n]) == values
+    assert list(data["prev_step"][:n]) == steps[:1] + steps[:-1]
+    assert all(np.isnan(data[column][n:]).all() for column in data)
+    return steps, values
 
 
 def test_every_logged_value_is_plotted_per_sae_and_metric(trained):
@@ -47,8 +55,7 @@ def test_switch_expert_load_has_one_curve_per_expert(trained):
     for e in range(4):
         assert _points(dashboard, f"expert_load/{e}", "switch") == ([5, 10, 15, 20], [r["expert_load"][e] for r in rows])
     assert not any(metric.startswith("expert_load") for metric, sae in dashboard.sources if sae == "topk")
-    loads = [sum(dashboard.sources[(f"expert_load/{e}", "switch")].data["value"][-1] for e in range(4))]
-    assert loads == [pytest.approx(1.0)]
+    assert sum(dashboard.points[(f"expert_load/{e}", "switch")][1][-1] for e in range(4)) == pytest.approx(1.0)
 
 
 def test_a_new_loss_term_gets_its_own_curve():
@@ -75,3 +82,12 @@ def test_renders_as_one_bokeh_document(trained):
     assert plotted == set(dashboard.figures.values())
     dashboard.callback({"step": 25, "sae": "topk", "tokens": 3200, "lr": 0.0, "loss": 0.5, "l0": 4.0})
     assert _points(dashboard, "loss", "topk")[0][-1] == 25
+    assert dashboard.figures["loss"] in plotted  # a new point is a patch of the shown plot, not a redraw
+
+
+def test_a_long_run_keeps_every_point_as_sources_fill_up():
+    dashboard = TrainingDashboard()
+    for step in range(1, 201):
+        dashboard.callback({"step": step, "sae": "a", "tokens": step, "lr": 1e-3, "loss": 1 / step})
+    steps, values = _points(dashboard, "loss", "a")
+    assert steps == list(range(1, 201)) and values == [1 / step for step in range(1, 201)]
