@@ -7,7 +7,22 @@ network timeout). Activation caches go to a per-session temporary folder, never 
 import os
 import tempfile
 
+import pytest
+import torch
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["WORKBENCH_CACHE"] = tempfile.mkdtemp(prefix="workbench-test-cache-")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: at these tiny sizes extra OpenMP threads only add
+    overhead, and on a shared 2-core machine their spinning can slow a step a hundredfold. The
+    checkpoint kill test also needs it: its child process computes with one thread too, so their
+    floating-point results match."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

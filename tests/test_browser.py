@@ -24,13 +24,7 @@ TEXTS = [f"{subject} {verb} the {thing} before {when}." for subject in ("The par
          for when in ("it returns", "the loop ends", "an error is raised")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 @pytest.fixture(scope="module")
 def minilm():

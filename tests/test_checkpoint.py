@@ -24,15 +24,7 @@ D, F, B = 32, 128, 128
 KILL_MARKER = "INSIDE-CHECKPOINT-WRITE"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # One thread: faster at these sizes, immune to OpenMP contention on a shared machine, and the
-    # same thread count as the killed child process, so its floating-point results match ours.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 class SparseStream:
     """Deterministic, re-iterable batches: sparse positive combinations of fixed unit directions

@@ -31,16 +31,7 @@ class StubSAE(nn.Module):
         return SimpleNamespace(recon_BD=x_BD if self.identity else torch.zeros_like(x_BD))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def offline_one_thread():
-    # Nothing here may reach the hub; and at these sizes extra OpenMP threads only add overhead.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):

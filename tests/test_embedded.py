@@ -1,7 +1,6 @@
 import re
 import sys
 
-import huggingface_hub.constants
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -10,16 +9,6 @@ from transformers import BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model, PreT
 from workbench.data.embedded import DEFAULT_MODEL, cpython_texts, default_model_path, load_model
 
 EOT = "<|endoftext|>"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    """Offline mode; huggingface_hub reads the variable once, at import, hence the setattr."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
 
 
 def save_tiny_gpt2(folder, model_class):

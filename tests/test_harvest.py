@@ -26,16 +26,7 @@ SENTENCES = [
 CONTEXT = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def offline_one_thread():
-    # Nothing here may reach the hub; and at these sizes extra OpenMP threads only add overhead.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 @pytest.fixture(scope="module")
 def minilm():

@@ -1,7 +1,6 @@
 import json
 
 import datasets
-import huggingface_hub.constants
 import pytest
 import torch
 from pydoc_data.topics import topics
@@ -14,17 +13,6 @@ from workbench.data.types import TokenBatch
 
 TEXTS = [topics[name] for name in ("assert", "break", "if", "while", "pass", "for")]
 EOT = "<|endoftext|>"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    """Offline mode; huggingface_hub and datasets read these variables once, at import, hence the setattrs."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,7 @@ from workbench.train import checkpoint
 D, F, B = 32, 128, 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # At these sizes OpenMP only adds overhead, and on a shared 2-core machine its spinning threads
-    # can slow a step down a hundredfold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 class SparseStream:
     """Deterministic, re-iterable batches of sparse positive combinations of 96 fixed unit
