@@ -9,6 +9,8 @@ from workbench.saes import SwitchConfig, SwitchSAE, TopKConfig, TopKSAE
 from workbench.train import TrainConfig, Trainer
 from workbench.ui import TrainingDashboard
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def trained():

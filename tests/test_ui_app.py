@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from playwright.sync_api import expect, sync_playwright
 
 from workbench import io
 from workbench.cli import main
 from workbench.data.embedded import load_model
 from workbench.eval.features import FeatureIndex, readable_tokens
 from workbench.run import RunConfig, features_dir, index_run, run
+from workbench.ui.app import build_app, serve
+from workbench.ui.browser import FeatureBrowser
+from workbench.ui.router import RouterInspector
 
 CHROMIUM = shutil.which("chromium")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -85,10 +89,6 @@ def page(indexed_run):
     """A chromium page open on the app, served on a free local port, stopped afterwards."""
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; CI installs it)")
-    from playwright.sync_api import sync_playwright
-
-    from workbench.ui.app import serve
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -124,10 +124,6 @@ def _span_data(page, selector):
 
 
 def test_browser_shows_the_indexed_contexts_and_the_routers_experts(page, indexed_run, tmp_path, monkeypatch):
-    from playwright.sync_api import expect
-
-    from workbench.ui.browser import FeatureBrowser
-
     start = time.perf_counter()
     index = FeatureIndex.load(features_dir(indexed_run, "switch"))
     page.wait_for_selector('.wb-context[data-feature="0"]', timeout=60_000)  # the first feature, shown at load
@@ -196,9 +192,6 @@ def _route_directly(sae_folder: Path, text: str) -> tuple[list[str], list[int]]:
 
 
 def test_index_then_build_app_which_indexes_the_rest_and_shows_errors_in_the_page(indexed_run, tmp_path, capsys):
-    from workbench.ui.app import build_app
-    from workbench.ui.router import RouterInspector
-
     copy = tmp_path / "run"
     shutil.copytree(indexed_run, copy, ignore=shutil.ignore_patterns("checkpoints", "features"))
     assert main(["index", str(copy), "--sae", "nope"]) == 2

@@ -143,7 +143,8 @@ def _add_browse_commands(sub: argparse._SubParsersAction) -> None:
     browse.add_argument("run_dir", help="a finished run's folder (with config.json and saes/)")
     browse.add_argument("--port", type=int, default=5006, help="port to serve on (default: 5006)")
     browse.add_argument("--address", default="127.0.0.1",
-                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 shares it)")
+                        help="address to bind (default: 127.0.0.1, this machine only; from elsewhere, "
+                             "forward the port, e.g. ssh -L 5006:localhost:5006 HOST)")
     browse.add_argument("--sae", metavar="NAME", help="the SAE to show first (default: the first by name)")
     browse.set_defaults(func=_cmd_browse)
 
