@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from workbench.data.store import ActivationStore, CacheKey
 from workbench.data.types import ActivationChunk, TokenBatch
-from workbench.eval.features import (FeatureIndex, FeatureIndexConfig, build_feature_index, hist_edges,
+from workbench.eval.features import (Example, FeatureIndex, FeatureIndexConfig, build_feature_index, hist_edges,
                                      readable_tokens)
 from workbench.saes import make_config, build_sae
 
@@ -296,3 +296,10 @@ def test_features_that_never_fire_have_no_examples(store, tokenizer):
     counts, edges = index.histogram(5)
     assert len(counts) == 0 and edges.tolist() == [0.0]
     assert index.top_tokens()[5] == []
+
+
+def test_example_text_marks_its_own_token():
+    ex = Example(feature=3, activation=1.5, seq=0, pos=2, tokens=["the", " value", " of", " x", "."],
+                 token_acts=[0.0, 0.0, 1.5, 0.0, 0.0], center=2)
+    assert ex.text() == "the value[[ of]] x."
+    assert ex.text(("<", ">")) == "the value< of> x."

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -217,17 +218,40 @@ class ActivationSource:
                 "context_length": self.cfg.context_length}
 
 
-def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Train the configured SAEs, evaluate them on held-out data, write ``metrics.json``.
+RUN_ARTEFACTS = {"checkpoints", "saes", "features", "metrics.json", "history.json", "config.json"}
+"""What a run writes into its run_dir; ``run(overwrite=True)`` deletes only a folder made of these."""
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    if not run_dir.exists():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ARTEFACTS)
+    if foreign:
+        raise ValueError(f"overwrite=True would delete {run_dir}, which holds files a run does not write "
+                         f"({', '.join(foreign[:3])}); choose another run_dir")
+    shutil.rmtree(run_dir)
+
+
+def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
+        overwrite: bool = False) -> dict[str, dict[str, Any]]:
+    """Train the configured SAEs, evaluate them on held-out data, write ``metrics.json`` and the
+    training history (``history.json``, read back with :func:`read_history`).
 
     Returns {sae name: metrics} (see :func:`workbench.eval.metrics.evaluate`). Synthetic data adds
     "recovery" (the mean best cosine of each true feature with a decoder row); model activations
     add the downstream scores of :func:`workbench.eval.downstream.splice_scores`.
+
+    ``overwrite=True`` first deletes what an earlier run left in ``run_dir`` (so a notebook cell can
+    be run again); without it, a run_dir with checkpoints is an error unless ``resume``.
     """
     cfg.validate()
+    if overwrite and resume:
+        raise ValueError("overwrite=True deletes the run that resume=True would continue; choose one")
     cfg.train.progress_bar = cfg.train.progress_bar and progress
     run_dir = Path(cfg.run_dir)
     data = cfg.data
+    if overwrite:
+        _clear_run_dir(run_dir)
     if data.source == "synthetic":
         synthetic = SyntheticData(data.synthetic)
         d_in, scale, metadata = data.synthetic.d, None, {"data": "synthetic"}
@@ -260,6 +284,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str
         results[name] = metrics
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run_dir / "history.json").write_text(json.dumps(trainer.history) + "\n")
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return results
 
@@ -298,6 +323,18 @@ def read_run(run_dir: str | Path) -> RunConfig:
         raise FileNotFoundError(f"{run_dir} holds no finished run (no config.json); train one with "
                                 f"`workbench train CONFIG`, or wait for the run to finish")
     return RunConfig.from_dict(json.loads(config.read_text()))
+
+
+def read_history(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """The training history of a finished run, {sae name: its rows in step order} (each row: step,
+    tokens, lr, loss and its terms, mse, l0, dead_fraction; expert_load and load_balance for Switch)."""
+    path = Path(run_dir) / "history.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no history.json; it is written when a run finishes")
+    history: dict[str, list[dict[str, Any]]] = {}
+    for row in json.loads(path.read_text()):
+        history.setdefault(row["sae"], []).append(row)
+    return history
 
 
 def run_sae_names(run_dir: str | Path, sae_names: list[str] | None = None) -> list[str]:

@@ -114,6 +114,13 @@ class Example(NamedTuple):
     center: int
     """Index of the example's own token in ``tokens``."""
 
+    def text(self, mark: tuple[str, str] = ("[[", "]]")) -> str:
+        """The window as one line of text with the example's own token between ``mark``s, e.g.
+        "the value of [[ x]] is"."""
+        tokens = list(self.tokens)
+        tokens[self.center] = f"{mark[0]}{tokens[self.center]}{mark[1]}"
+        return "".join(tokens).strip()
+
 
 class FeatureIndex:
     """Per-feature statistics, examples, histograms and output effects of one SAE on one store.
