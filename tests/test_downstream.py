@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from workbench.data.types import TokenBatch
-from workbench.eval.downstream import splice_scores
+from workbench.eval.downstream import splice_scores, splice_scores_many
 from workbench.saes import TopKConfig, TopKSAE
 
 D_GPT2, VOCAB = 32, 100
@@ -119,3 +119,22 @@ def test_width_mismatch_names_both_widths(minilm):
     with pytest.raises(ValueError) as err:
         splice_scores(model, sae, "resid_post.3", batches, progress=False)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("which", ["gpt2", "minilm"])
+def test_scoring_several_saes_in_one_pass_equals_scoring_each(which, request):
+    if which == "gpt2":
+        model, batches, d, site = request.getfixturevalue("gpt2"), list(gpt2_batches()), D_GPT2, "mlp_out.1"
+    else:
+        (model, batches), d, site = request.getfixturevalue("minilm"), 384, "resid_post.3"
+    torch.manual_seed(0)
+    saes = {"identity": StubSAE(d, identity=True), "topk": TopKSAE(TopKConfig(d_in=d, d_sae=64, k=4)),
+            "zeros": StubSAE(d, identity=False)}
+    together = splice_scores_many(model, saes, site, batches, progress=False)
+    assert list(together) == list(saes)
+    for name, sae in saes.items():
+        alone = splice_scores(model, sae, site, batches, progress=False)
+        assert together[name].keys() == alone.keys()
+        for key, value in alone.items():
+            assert together[name][key] == (value if key == "kind" else pytest.approx(value, rel=1e-6, abs=1e-9))
+    assert saes["topk"].training

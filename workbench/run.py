@@ -23,7 +23,7 @@ from .data.store import ActivationStore, CacheKey
 from .data.synthetic import SyntheticConfig, SyntheticData, recovery_score
 from .data.text import load_texts, tokenize_contexts
 from .data.types import ActivationChunk, TokenBatch
-from .eval.downstream import splice_scores
+from .eval.downstream import splice_scores_many
 from .eval.features import build_feature_index, unembedding
 from .eval.metrics import evaluate
 from .eval.router import analyze_router
@@ -271,17 +271,18 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
                           input_scale=scale)
     trainer.fit(stream)
 
-    results = {}
-    for name, sae in trainer.saes.items():
-        metrics = evaluate(sae, eval_batches())
-        if data.source == "synthetic":
-            metrics["recovery"] = recovery_score(synthetic.features_FD, sae.W_dec)
-        else:
-            raw_sae = fold_input_scale(sae, scale) if scale is not None else sae
-            scores = splice_scores(source.model, raw_sae.to(next(source.model.parameters()).device),
-                                   source.site, source.downstream_batches(), progress=False)
-            metrics.update(scores)
-        results[name] = metrics
+    results = {name: evaluate(sae, eval_batches()) for name, sae in trainer.saes.items()}
+    if data.source == "synthetic":
+        for name, sae in trainer.saes.items():
+            results[name]["recovery"] = recovery_score(synthetic.features_FD, sae.W_dec)
+    else:
+        device = next(source.model.parameters()).device
+        raw_saes = {name: (fold_input_scale(sae, scale) if scale is not None else sae).to(device)
+                    for name, sae in trainer.saes.items()}
+        scores = splice_scores_many(source.model, raw_saes, source.site, source.downstream_batches(),
+                                    progress=False)
+        for name in results:
+            results[name].update(scores[name])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     (run_dir / "history.json").write_text(json.dumps(trainer.history) + "\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,12 +57,21 @@ def splice_scores(model: nn.Module, sae: BaseSAE, site: str | Site, token_batche
       zero ablation, like ``loss_recovered``.
     - ``cos_sae``, ``cos_zero``: mean cosine similarity of the spliced and clean final states.
     """
+    return splice_scores_many(model, {"sae": sae}, site, token_batches, progress=progress)["sae"]
+
+
+def splice_scores_many(model: nn.Module, saes: dict[str, BaseSAE], site: str | Site,
+                       token_batches: Iterable[TokenBatch], *, progress: bool = True) -> dict[str, dict[str, float | str]]:
+    """:func:`splice_scores` of several SAEs of one site, {name: scores}, in one pass over the
+    batches: the clean and the zero-ablated runs are computed once for all of them."""
     site = resolve_site(model, site) if isinstance(site, str) else site
     model.eval()
-    sae_was_training = sae.training
-    sae.eval()
+    was_training = {name: sae.training for name, sae in saes.items()}
+    for sae in saes.values():
+        sae.eval()
     device = next(model.parameters()).device
-    splices = {"sae": _sae_splice(sae, site), "zero": torch.zeros_like}
+    splices: dict[str, Splice] = {"zero": torch.zeros_like}
+    splices.update({("sae", name): _sae_splice(sae, site) for name, sae in saes.items()})
     batches = tqdm(token_batches, disable=not progress, desc=f"splice {site.name}")
     try:
         with torch.inference_mode():
@@ -69,7 +79,8 @@ def splice_scores(model: nn.Module, sae: BaseSAE, site: str | Site, token_batche
                 return _causal_lm_scores(model, site, splices, batches, device)
             return _encoder_scores(model, site, splices, batches, device)
     finally:
-        sae.train(sae_was_training)
+        for name, sae in saes.items():
+            sae.train(was_training[name])
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -98,9 +109,10 @@ def _forward(model: nn.Module, site: Site, splice: Splice, batch: TokenBatch, de
                      attention_mask=batch.attention_mask_SL.to(device), **kwargs)
 
 
-def _causal_lm_scores(model: nn.Module, site: Site, splices: dict[str, Splice], batches: Iterable[TokenBatch],
-                      device: torch.device) -> dict[str, float | str]:
-    sums = dict.fromkeys(["ce_clean", *(f"{s}_{run}" for run in splices for s in ("ce", "kl"))], 0.0)
+def _causal_lm_scores(model: nn.Module, site: Site, splices: dict[Any, Splice], batches: Iterable[TokenBatch],
+                      device: torch.device) -> dict[str, dict[str, float | str]]:
+    ce = dict.fromkeys(["clean", *splices], 0.0)
+    kl = dict.fromkeys(splices, 0.0)
     n_scored = 0
     for batch in batches:
         mask_SL = batch.attention_mask_SL.to(device).bool()
@@ -108,17 +120,23 @@ def _causal_lm_scores(model: nn.Module, site: Site, splices: dict[str, Splice], 
         scored_SL = mask_SL[:, :-1] & mask_SL[:, 1:]
         targets_N1 = batch.input_ids_SL.to(device)[:, 1:][scored_SL][:, None]
         clean_logp_NV = _next_token_logprobs(_forward(model, site, None, batch, device).logits, scored_SL)
-        sums["ce_clean"] += -clean_logp_NV.gather(1, targets_N1).sum().item()
+        ce["clean"] += -clean_logp_NV.gather(1, targets_N1).sum().item()
         for run, splice in splices.items():
             logp_NV = _next_token_logprobs(_forward(model, site, splice, batch, device).logits, scored_SL)
-            sums[f"ce_{run}"] += -logp_NV.gather(1, targets_N1).sum().item()
-            sums[f"kl_{run}"] += F.kl_div(logp_NV, clean_logp_NV, log_target=True, reduction="sum").item()
+            ce[run] += -logp_NV.gather(1, targets_N1).sum().item()
+            kl[run] += F.kl_div(logp_NV, clean_logp_NV, log_target=True, reduction="sum").item()
         n_scored += len(targets_N1)
     _check_scored(n_scored, site)
-    scores = {name: total / n_scored for name, total in sums.items()}
-    scores["delta_ce"] = scores["ce_sae"] - scores["ce_clean"]
-    scores["loss_recovered"] = _ratio(scores["ce_zero"] - scores["ce_sae"], scores["ce_zero"] - scores["ce_clean"])
-    return {"kind": "causal_lm", **scores}
+    ce_clean, ce_zero, kl_zero = ce["clean"] / n_scored, ce["zero"] / n_scored, kl["zero"] / n_scored
+    scores = {}
+    for run in splices:
+        if run == "zero":
+            continue
+        ce_sae = ce[run] / n_scored
+        scores[run[1]] = {"kind": "causal_lm", "ce_clean": ce_clean, "ce_sae": ce_sae, "kl_sae": kl[run] / n_scored,
+                          "ce_zero": ce_zero, "kl_zero": kl_zero, "delta_ce": ce_sae - ce_clean,
+                          "loss_recovered": _ratio(ce_zero - ce_sae, ce_zero - ce_clean)}
+    return scores
 
 
 def _next_token_logprobs(logits_SLV: Tensor, scored_SL: Tensor) -> Tensor:
@@ -126,8 +144,8 @@ def _next_token_logprobs(logits_SLV: Tensor, scored_SL: Tensor) -> Tensor:
     return logits_SLV[:, :-1][scored_SL].float().log_softmax(-1)
 
 
-def _encoder_scores(model: nn.Module, site: Site, splices: dict[str, Splice], batches: Iterable[TokenBatch],
-                    device: torch.device) -> dict[str, float | str]:
+def _encoder_scores(model: nn.Module, site: Site, splices: dict[Any, Splice], batches: Iterable[TokenBatch],
+                    device: torch.device) -> dict[str, dict[str, float | str]]:
     sq_dist = dict.fromkeys(splices, 0.0)
     cos = dict.fromkeys(splices, 0.0)
     sum_h_D: Tensor | None = None
@@ -148,14 +166,10 @@ def _encoder_scores(model: nn.Module, site: Site, splices: dict[str, Splice], ba
     # Total variance E||h||^2 - ||E h||^2, in float64 so the difference keeps its digits.
     total_var = sum_sq_norm / n_tokens - (sum_h_D / n_tokens).pow(2).sum().item()
     dist = {run: sq_dist[run] / n_tokens / total_var for run in splices}
-    return {
-        "kind": "encoder",
-        "dist_sae": dist["sae"],
-        "dist_zero": dist["zero"],
-        "fidelity": _ratio(dist["zero"] - dist["sae"], dist["zero"]),
-        "cos_sae": cos["sae"] / n_tokens,
-        "cos_zero": cos["zero"] / n_tokens,
-    }
+    return {run[1]: {"kind": "encoder", "dist_sae": dist[run], "dist_zero": dist["zero"],
+                     "fidelity": _ratio(dist["zero"] - dist[run], dist["zero"]),
+                     "cos_sae": cos[run] / n_tokens, "cos_zero": cos["zero"] / n_tokens}
+            for run in splices if run != "zero"}
 
 
 def _final_states(model: nn.Module, site: Site, splice: Splice, batch: TokenBatch, device: torch.device) -> Tensor:
