@@ -3,7 +3,7 @@
     python benchmarks/bench_harvest.py [--model NAME] [--site resid_post.2] [--batches 8] [--repeats 5]
 
 Three ways of getting the site's activations for the same token batches, measured interleaved in one
-run (median of ``--repeats``):
+run (median of ``--repeats``; the ways are in :func:`workbench.perf.harvest_rows`):
   harvest      workbench.data.harvest.harvest: forward hook at the site, forward stopped right after it,
                padding and special tokens dropped, rows with token ids and positions;
   bare         the model with its block list cut to blocks 0..L, run plainly;
@@ -14,79 +14,38 @@ Target: harvest >= 0.95x the bare model's tokens/s.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
 from workbench.data.embedded import DEFAULT_MODEL, cpython_texts, load_model
-from workbench.data.harvest import harvest
-from workbench.data.sites import block_list, resolve_site
+from workbench.data.sites import resolve_site
 from workbench.data.text import tokenize_contexts
+from workbench.perf import harvest_rows, measure, n_tokens
 
 
-@contextmanager
-def truncated(model: torch.nn.Module, layer: int) -> Iterator[None]:
-    """Temporarily give ``model`` only its blocks 0..layer (the same block objects)."""
-    path, blocks = block_list(model)
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    setattr(parent, attr, torch.nn.ModuleList(list(blocks)[: layer + 1]))
-    try:
-        yield
-    finally:
-        setattr(parent, attr, blocks)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--site", default="resid_post.2")
     parser.add_argument("--batches", type=int, default=8, help="batches of 32 contexts x 128 tokens")
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     model, tokenizer = load_model(args.model)
     site = resolve_site(model, args.site)
     batches = list(tokenize_contexts(cpython_texts("train"), tokenizer, context_length=128, batch_size=32,
                                      max_tokens=args.batches * 32 * 128, progress=False))
-    n_tokens = sum(int(b.attention_mask_SL.sum()) for b in batches)
-    specials = tokenizer.all_special_ids
-
-    def run_harvest() -> None:
-        for chunk in harvest(model, site, batches, exclude_special_ids=specials, progress=False):
-            chunk.acts_ND.sum()
-
-    @torch.inference_mode()
-    def run_bare() -> None:
-        with truncated(model, site.layer):
-            for b in batches:
-                model(input_ids=b.input_ids_SL, attention_mask=b.attention_mask_SL)
-
-    @torch.inference_mode()
-    def run_full() -> None:
-        for b in batches:
-            model(input_ids=b.input_ids_SL, attention_mask=b.attention_mask_SL, output_hidden_states=True)
-
-    ways = {"harvest": run_harvest, "bare": run_bare, "full": run_full}
-    for fn in ways.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(args.repeats):
-        for name, fn in ways.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    tokens = n_tokens(batches)
+    rows = harvest_rows(model, site, batches, exclude_special_ids=tokenizer.all_special_ids)
+    measure(rows, rounds=args.repeats, warmup=1)
+    median = {row.name: row.median for row in rows}
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; {args.model} {site.name} "
-          f"({len(batches)} batches, {n_tokens:,} tokens, median of {args.repeats})")
+          f"{next(model.parameters()).device.type}; {args.model} {site.name} "
+          f"({len(batches)} batches, {tokens:,} tokens, median of {args.repeats})")
     print(f"{'way':<10}{'seconds':>10}{'tokens/s':>12}{'vs bare':>10}")
     for name, seconds in median.items():
-        print(f"{name:<10}{seconds:>10.3f}{n_tokens / seconds:>12,.0f}{median['bare'] / seconds:>9.2f}x")
+        print(f"{name:<10}{seconds:>10.3f}{tokens / seconds:>12,.0f}{median['bare'] / seconds:>9.2f}x")
     ratio = median["bare"] / median["harvest"]
     print(f"\nharvest throughput / bare model to layer {site.layer}: {ratio:.2f}x "
           f"(target >= 0.95x) {'MET' if ratio >= 0.95 else 'MISSED'}")
