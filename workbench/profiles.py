@@ -87,6 +87,7 @@ QUICK = Profile(
     alphas=(0.0, 0.1, 1.0, 3.0, 10.0),
     seeds=(0, 1),
     widths=(256, 512, 1024),
+    extra={"05_width": 512, "05_downstream_contexts": 4},
 )
 
 PAPER = Profile(
@@ -106,6 +107,7 @@ PAPER = Profile(
     alphas=(0.0, 0.001, 0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0),
     seeds=(0, 1),
     widths=(4096, 16_384, 32_768),
+    extra={"05_width": 24_576, "05_downstream_contexts": 128},
 )
 
 PROFILES = {p.name: p for p in (QUICK, PAPER)}
