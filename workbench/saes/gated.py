@@ -10,6 +10,10 @@
 The Heaviside passes no gradient: the gate learns through the L1 and the auxiliary reconstruction
 through a stop-gradient copy of the decoder. With tied weights the encoder is a JumpReLU on the
 magnitude path with threshold theta = b_mag - exp(r_mag) * b_gate (:meth:`GatedSAE.jumprelu_threshold`).
+
+Two switches turn on the paper's Fig. 8 ablations (both off by default): ``learn_r_mag=False`` keeps
+r_mag at 0, so W_mag = W_gate and the paths differ only by their biases; ``freeze_aux_decoder=False``
+lets the auxiliary reconstruction train W_dec and b_dec too.
 """
 from __future__ import annotations
 
@@ -31,6 +35,13 @@ class GatedConfig(SAEConfig):
     l2_reduction: str = "mean"
     """"mean": both L2 terms averaged over the d dimensions, as in the paper, so its lambda values
     transfer; "sum": summed over them, as in dictionary_learning."""
+    learn_r_mag: bool = True
+    """Learn the per-latent magnitude scale r_mag (W_mag = exp(r_mag) * W_gate). False is the Fig. 8
+    ablation "no r_mag": r_mag stays at its initial zeros (still saved, for SAELens' Gated format), so
+    the magnitude path is W_gate itself and differs from the gate only by its bias."""
+    freeze_aux_decoder: bool = True
+    """Decode the auxiliary loss's ReLU(pi_gate) with a stop-gradient copy of W_dec and b_dec (Eq. 8).
+    False is the Fig. 8 ablation "unfrozen decoder": that loss trains the decoder as well."""
 
     architecture = "gated"
 
@@ -39,6 +50,9 @@ class GatedConfig(SAEConfig):
         if self.l1_coefficient < 0:
             raise ValueError(f"l1_coefficient={self.l1_coefficient} must be >= 0")
         check_l2_reduction(self.l2_reduction)
+        for name in ("learn_r_mag", "freeze_aux_decoder"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
 
     def default_lr(self) -> float:
         return 3e-4  # the paper's learning rate for all Gated runs (App. D)
@@ -54,7 +68,7 @@ class GatedSAE(BaseSAE):
         self.W_dec = nn.Parameter(W_dec_FD)
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae), requires_grad=cfg.learn_r_mag)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
     @torch.no_grad()
@@ -82,7 +96,10 @@ class GatedSAE(BaseSAE):
         pi_gate_BF, f_BF = self._paths(x_BD)
         recon_BD = self.decode(f_BF)
         gate_act_BF = torch.relu(pi_gate_BF)
-        aux_recon_BD = gate_act_BF @ self.W_dec.detach() + self.b_dec.detach()
+        if self.cfg.freeze_aux_decoder:
+            aux_recon_BD = gate_act_BF @ self.W_dec.detach() + self.b_dec.detach()
+        else:
+            aux_recon_BD = self.decode(gate_act_BF)
         reduction = self.cfg.l2_reduction
         losses = {
             "l2": l2_loss(x_BD, recon_BD, reduction),
