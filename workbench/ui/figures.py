@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 Results = Mapping[str, Mapping[str, Any]]
 """{name: {metric: value}}, as ``workbench.run.run`` returns and metrics.json holds."""
@@ -136,3 +137,15 @@ def _finish(ax: Axes, xlabel: str | None, ylabel: str | None, title: str | None,
     if legend:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+
+
+def plain_log_ticks(ax: Axes, ticks: Sequence[float] | None = None, axis: str = "x") -> None:
+    """Label a log-scaled axis with plain numbers instead of powers of ten: at ``ticks`` (e.g. the
+    swept widths), or at the 1-2-5 steps inside the axis' range; minor ticks are turned off."""
+    low, high = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    if ticks is None:
+        decades = range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+        ticks = [m * 10.0**e for e in decades for m in (1, 2, 5) if low <= m * 10.0**e <= high]
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_ticks(list(ticks), [f"{t:g}" for t in ticks])
+    target.set_minor_locator(NullLocator())
