@@ -46,7 +46,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager

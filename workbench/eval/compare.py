@@ -27,11 +27,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ..saes.base import BaseSAE
+from .geometry import unit_rows
 
 SHARED_THRESHOLD = 0.7
 """The paper's cosine above which a matched latent counts as found again (on both sides)."""
@@ -108,12 +108,12 @@ def cosine_matrix(a_FD: Tensor, b_GD: Tensor, block_rows: int = 4096) -> np.ndar
     if a_FD.ndim != 2 or b_GD.ndim != 2 or a_FD.shape[1] != b_GD.shape[1]:
         raise ValueError(f"cosine_matrix needs two (n, D) matrices with the same D; got shapes "
                          f"{tuple(a_FD.shape)} and {tuple(b_GD.shape)}")
-    a_FD = _unit_rows(a_FD.float())
-    b_GD = _unit_rows(b_GD.float().to(a_FD.device))
+    a_FD = unit_rows(a_FD)
+    b_GD = unit_rows(b_GD.to(a_FD.device))
     out_FG = np.empty((a_FD.shape[0], b_GD.shape[0]), dtype=np.float32)
     for start in range(0, a_FD.shape[0], block_rows):
         rows = slice(start, start + block_rows)
-        out_FG[rows] = torch.nan_to_num(a_FD[rows] @ b_GD.t(), nan=0.0).cpu().numpy()
+        out_FG[rows] = (a_FD[rows] @ b_GD.t()).cpu().numpy()
     return out_FG
 
 
@@ -167,10 +167,6 @@ def interpolate_frontier(x_N: Sequence[float] | np.ndarray, y_N: Sequence[float]
     out_M = np.interp(warp(at_M), warp(x_N[order]), y_N[order])
     out_M[(at_M < x_N.min()) | (at_M > x_N.max())] = np.nan
     return out_M
-
-
-def _unit_rows(x_ND: Tensor) -> Tensor:
-    return x_ND / x_ND.norm(dim=-1, keepdim=True)
 
 
 def _hungarian(cos_FG: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -23,10 +23,16 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from sklearn.manifold import TSNE
 from torch import Tensor
 
 _TILE = 2048  # rows and columns of one cosine tile: 16 MiB of float32
+
+
+def unit_rows(W_FD: Tensor) -> Tensor:
+    """``W_FD`` detached, in float32, each row scaled to unit norm (a zero row stays zero, so its
+    cosine with anything is 0). Saved SAEs' decoder rows have norm 1/scale; cosines ignore it."""
+    W_FD = W_FD.detach().float()
+    return W_FD / W_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 class Neighbours(NamedTuple):
@@ -46,8 +52,7 @@ def nearest_neighbours(W_FD: Tensor, tile: int = _TILE) -> Neighbours:
     if W_FD.ndim != 2 or W_FD.shape[0] < 2:
         raise ValueError(f"nearest_neighbours needs a (rows, dim) matrix with at least 2 rows; "
                          f"got shape {tuple(W_FD.shape)}")
-    unit_FD = W_FD.detach().float()
-    unit_FD = unit_FD / unit_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit_FD = unit_rows(W_FD)
     n = unit_FD.shape[0]
     best_F = unit_FD.new_full((n,), -math.inf)
     index_F = torch.zeros(n, dtype=torch.long, device=unit_FD.device)
@@ -95,6 +100,8 @@ def tsne_embedding(W_FD: Tensor, n_points: int | None = None, *, seed: int = 0, 
     else:
         rows_N = np.sort(np.random.default_rng(seed).choice(n_rows, n_points, replace=False))
     X_ND = W_FD.detach().float().cpu().numpy()[rows_N]
+    from sklearn.manifold import TSNE  # seconds to import; only t-SNE needs it
+
     tsne = TSNE(n_components=2, perplexity=min(perplexity, (len(rows_N) - 1) / 3),
                 learning_rate=learning_rate, init="pca", random_state=seed)
     return Embedding(tsne.fit_transform(X_ND), rows_N.astype(np.int64))

@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.store import ActivationStore
 from ..saes.base import BaseSAE
+from .geometry import unit_rows
 from ..saes.switch import SwitchSAE
 
 ENTROPY_BINS = 40
@@ -217,9 +218,7 @@ def _top_tokens(expert_N: np.ndarray, token_ids_N: np.ndarray, n_experts: int,
 def _unit_rows(W_dec_FD: Tensor, n_experts: int) -> Tensor:
     if W_dec_FD.shape[0] % n_experts:
         raise ValueError(f"the decoder has {W_dec_FD.shape[0]} rows, not divisible by n_experts={n_experts}")
-    # Saved SAEs have rows of norm 1/scale (the normalisation scale is folded in); cosine ignores it.
-    W_FD = W_dec_FD.detach().float()
-    return W_FD / W_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return unit_rows(W_dec_FD)
 
 
 def _expert_tiles(unit_FD: Tensor, n_experts: int, upper: bool):

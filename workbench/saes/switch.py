@@ -49,7 +49,7 @@ class SwitchConfig(SAEConfig):
             raise ValueError(
                 f"d_sae={self.d_sae} is not divisible by n_experts={self.n_experts}; "
                 f"each expert needs the same width (try d_sae={self.d_sae // self.n_experts * self.n_experts})")
-        check_k(self.k, self.expert_width, f"expert width d_sae/n_experts")
+        check_k(self.k, self.expert_width, "expert width d_sae/n_experts")
         if self.gate not in GATES:
             raise ValueError(f"gate={self.gate!r} must be one of {GATES}")
         if self.lb_alpha < 0:
