@@ -4,7 +4,8 @@
 
 Rows (all at the same d, M, k and batch, float32, on the CPU unless --device says otherwise):
 
-* ``topk``          our TopKSAE: one full training step (see :func:`workbench.perf.train_step`).
+* ``topk``          our TopKSAE: one full training step, the trainer's own
+                    (:meth:`workbench.train.Trainer.train_step`, timed by :func:`workbench.perf.step_row`).
 * ``enc matmul``    TopK's dense encoder matmul alone, ``(x - b_dec) @ W_enc``.
 * ``enc matmul chunked``  the same matmul in the row chunks TopKSAE uses on the CPU (for reference:
                     it skips the page faults of a fresh (B, M) output, as TopKSAE does).

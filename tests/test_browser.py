@@ -1,6 +1,6 @@
 """The prompt runner on the real MiniLM and the feature browser without a browser: what each pane's
 HTML shows is checked against the FeatureIndex it was built from (tokens, activations, ranks), the
-table's expert filter against the experts, and bad input comes back as a message in the page."""
+table's group filter against the experts, and bad input comes back as a message in the page."""
 from __future__ import annotations
 
 from html.parser import HTMLParser
@@ -200,23 +200,23 @@ def test_an_out_of_range_feature_is_a_message_and_leaves_the_view(browser):
     assert browser.feature == 4
 
 
-def test_expert_filter_lists_only_that_experts_features(switch_index):
+def test_group_filter_lists_only_that_experts_features(switch_index):
     browser = FeatureBrowser(switch_index)
     assert len(browser.table.current_view) == F
-    browser.expert_filter = 2
+    browser.group_filter = 2
     view = browser.table.current_view
     assert len(view) == F // 4 and set(view["expert"]) == {2}
     assert view["feature"].tolist() == list(range(2 * F // 4, 3 * F // 4))
-    browser.expert_filter = None
+    browser.group_filter = None
     assert len(browser.table.current_view) == F
-    browser.expert_filter = 7
+    browser.group_filter = 7
     assert "expert 7 is out of range: this SAE has 4 experts (0-3)" in browser.message.object
 
 
-def test_expert_filter_on_an_sae_without_experts_is_a_message(index):
+def test_group_filter_on_an_sae_without_groups_is_a_message(index):
     browser = FeatureBrowser(index)
-    browser.expert_filter = 1
-    assert browser.message.visible and "this is a topk SAE, which has no experts" in browser.message.object
+    browser.group_filter = 1
+    assert browser.message.visible and "this is a topk SAE, whose latents form no groups" in browser.message.object
 
 
 def test_a_prompt_shows_each_tokens_activation_and_follows_the_selection(browser, minilm, topk):

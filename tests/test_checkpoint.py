@@ -48,8 +48,7 @@ class SparseStream:
 
 def four_saes() -> dict:
     return {
-        # dead_tokens of two batches: latents go dead within the run, so AuxK is active.
-        "topk": build_sae(make_config("topk", d_in=D, d_sae=F, k=4, dead_tokens=2 * B)),
+        "topk": build_sae(make_config("topk", d_in=D, d_sae=F, k=4)),
         "gated": build_sae(make_config("gated", d_in=D, d_sae=F)),
         # The L1 warm-up is still running at the interruption.
         "relu": build_sae(make_config("relu", d_in=D, d_sae=F, l1_warmup_steps=20)),
@@ -58,8 +57,9 @@ def four_saes() -> dict:
 
 
 def train_cfg(**fields) -> TrainConfig:
+    # Dead after two batches without a fire: latents go dead within the run, so AuxK is active.
     return TrainConfig(**{"total_steps": 30, "warmup_steps": 5, "log_every": 4, "checkpoint_every": 5,
-                          "progress_bar": False, **fields})
+                          "progress_bar": False, "dead_window_tokens": 2 * B, **fields})
 
 
 def assert_same_run(a: Trainer, b: Trainer) -> None:
@@ -74,7 +74,10 @@ def assert_same_run(a: Trainer, b: Trainer) -> None:
         for i in opt_a:
             for key in opt_a[i]:
                 assert torch.equal(opt_a[i][key], opt_b[i][key]), f"{name} optimiser {i}.{key}"
-        assert torch.equal(a._since_fired[name], b._since_fired[name])
+        firing_a, firing_b = a.firing[name].state_dict(), b.firing[name].state_dict()
+        assert firing_a["tokens_seen"] == firing_b["tokens_seen"]
+        for key in ("tokens_since_fired", "fire_counts"):
+            assert torch.equal(firing_a[key], firing_b[key]), f"{name} firing {key}"
         assert a.schedulers[name].state_dict() == b.schedulers[name].state_dict()
 
 
@@ -207,7 +210,7 @@ def test_bad_batch_keeps_earlier_checkpoints(tmp_path):
 
 def kill_test_setup() -> tuple[dict, TrainConfig, SparseStream]:
     """The run the child trains (and the parent repeats uninterrupted): checkpoints at 4, 8, 12."""
-    saes = {"topk": build_sae(make_config("topk", d_in=D, d_sae=F, k=4, dead_tokens=2 * B))}
+    saes = {"topk": build_sae(make_config("topk", d_in=D, d_sae=F, k=4))}
     return saes, train_cfg(total_steps=12, checkpoint_every=4), SparseStream(12)
 
 

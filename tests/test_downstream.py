@@ -84,12 +84,12 @@ def test_causal_lm_identity_recovers_everything_and_zeros_nothing(gpt2):
 
 def test_causal_lm_random_topk_sae_is_finite_and_leaves_the_sae_untouched(gpt2):
     sae = TopKSAE(TopKConfig(d_in=D_GPT2, d_sae=64, k=4))
-    fire_stats_before = sae.tokens_since_fired.clone()
+    before = {name: t.clone() for name, t in sae.state_dict().items()}
     scores = splice_scores(gpt2, sae, "mlp_out.1", gpt2_batches(), progress=False)
     assert all(math.isfinite(v) for k, v in scores.items() if k != "kind")
     assert scores["kl_sae"] > 0 and scores["delta_ce"] != 0
     assert sae.training  # restored after the eval-mode splice
-    assert torch.equal(sae.tokens_since_fired, fire_stats_before)
+    assert all(torch.equal(t, before[name]) for name, t in sae.state_dict().items())
 
 
 def test_padding_is_never_scored(gpt2):

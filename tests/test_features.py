@@ -260,13 +260,13 @@ def test_dense_code_saes(architecture, store, tokenizer):
     check_stats(index, acts_NF)
     check_top(index, store, acts_NF, index.cfg.n_top)
     check_windows(index, store, tokenizer, acts_NF, range(0, F, 16))
-    assert index.expert is None and index.output_effects(0) is None
+    assert index.groups is None and index.output_effects(0) is None
 
 
 def test_switch_features_carry_their_expert(store, tokenizer):
     sae = build_sae(make_config("switch", d_in=D, d_sae=F, k=4, n_experts=4))
     index = build_feature_index(sae, store, tokenizer, progress=False)
-    assert torch.equal(index.expert, torch.arange(F) // 16)
+    assert index.groups.kind == "expert" and torch.equal(index.groups.group_F, torch.arange(F) // 16)
     acts_NF = dense_acts(sae, store)
     check_stats(index, acts_NF)
     check_top(index, store, acts_NF, index.cfg.n_top)

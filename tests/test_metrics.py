@@ -3,9 +3,8 @@ import math
 import pytest
 import torch
 
-from workbench.eval.metrics import (FiringStats, cosine_similarity, evaluate, expert_load,
-                                    explained_variance, fvu, l0, load_balance, mean_router_prob, mse,
-                                    relative_reconstruction_bias, router_entropy)
+from workbench.eval.metrics import (FiringStats, cosine_similarity, evaluate, explained_variance, fvu, l0,
+                                    mse, relative_reconstruction_bias)
 from workbench.saes import Code, SwitchConfig, SwitchSAE, TopKConfig, TopKSAE
 
 # Two tokens, two dims. err = x - recon = [[0, 1], [1, 0]].
@@ -47,25 +46,45 @@ def test_l0_dense_and_sparse_codes():
     assert l0(sparse) == pytest.approx((1 + 2) / 2)
 
 
-def test_switch_metrics_uniform_routing():
-    probs_BE = torch.full((4, 2), 0.5)
-    expert_B = torch.tensor([0, 1, 0, 1])
-    assert expert_load(expert_B, 2).tolist() == [0.5, 0.5]
-    assert mean_router_prob(probs_BE).tolist() == [0.5, 0.5]
-    assert load_balance(probs_BE, expert_B) == pytest.approx(1.0)
-    assert router_entropy(probs_BE) == pytest.approx(math.log(2))
-    assert router_entropy(torch.full((3, 4), 0.25)) == pytest.approx(math.log(4))
+def _switch_with_router(logits_E):
+    """A Switch SAE whose router gives every token the probabilities softmax(logits_E): tokens are
+    fed as x = 0 and b_router = -e_0, so the router reads e_0 and W_router's first row is the logits."""
+    E = len(logits_E)
+    sae = SwitchSAE(SwitchConfig(d_in=4, d_sae=8 * E, k=2, n_experts=E))
+    with torch.no_grad():
+        sae.W_router.zero_()
+        sae.W_router[0] = torch.tensor(logits_E)
+        sae.b_router.zero_()
+        sae.b_router[0] = -1.0
+    return sae.eval()
 
 
-def test_switch_metrics_skewed_routing():
-    probs_BE = torch.tensor([[0.75, 0.25], [0.75, 0.25]])
-    expert_B = torch.tensor([0, 0])
-    # f = [1, 0], P = [0.75, 0.25]: E * sum f_i P_i = 2 * 0.75.
-    assert load_balance(probs_BE, expert_B) == pytest.approx(1.5)
-    assert router_entropy(probs_BE) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
-    assert router_entropy(torch.tensor([[1.0, 0.0]])) == 0.0
-    assert expert_load(torch.tensor([0, 0, 1, 3]), 4).tolist() == [0.5, 0.25, 0.0, 0.25]
-    assert mean_router_prob(torch.tensor([[0.75, 0.25], [0.25, 0.75]])).tolist() == [0.5, 0.5]
+@pytest.mark.parametrize("logits, load, lb, entropy", [
+    # Uniform probabilities (ties go to expert 0): f = [1, 0], P = [1/2, 1/2], E sum f P = 1.
+    ([0.0, 0.0], [1.0, 0.0], 1.0, math.log(2)),
+    # p = [3/4, 1/4] on every token: f = [1, 0], E sum f P = 2 * 3/4.
+    ([math.log(3), 0.0], [1.0, 0.0], 1.5, -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))),
+    # Uniform over four experts: the entropy is ln 4.
+    ([0.0] * 4, [1.0, 0.0, 0.0, 0.0], 1.0, math.log(4)),
+])
+def test_switch_reports_expert_load_load_balance_and_router_entropy(logits, load, lb, entropy):
+    sae = _switch_with_router(logits)
+    out = sae(torch.zeros(6, 4))
+    metrics = sae.summarize_metrics(out.metrics, 6)
+    assert metrics["expert_load"] == pytest.approx(load)
+    assert metrics["load_balance"] == pytest.approx(lb)
+    assert metrics["router_entropy"] == pytest.approx(entropy)
+
+
+def test_metric_totals_add_up_across_batches():
+    sae = SwitchSAE(SwitchConfig(d_in=8, d_sae=32, k=2, n_experts=4)).eval()
+    x_BD = _data(seed=3, n_batches=1, batch=40)[0]
+    whole = sae.summarize_metrics(sae(x_BD).metrics, 40)
+    parts = [sae(x_BD[:15]).metrics, sae(x_BD[15:]).metrics]
+    summed = sae.summarize_metrics({name: parts[0][name] + parts[1][name] for name in parts[0]}, 40)
+    assert summed.keys() == whole.keys() == {"expert_load", "load_balance", "router_entropy"}
+    for name in whole:
+        assert summed[name] == pytest.approx(whole[name], rel=1e-6)
 
 
 def _dense(rows):
@@ -149,7 +168,6 @@ def test_evaluate_streaming_equals_one_shot_topk():
     sae.train()
     streamed = evaluate(sae, batches)
     assert sae.training
-    assert int(sae.tokens_since_fired.sum()) == 0  # eval mode: no firing bookkeeping
     _, expected = _one_shot(sae, torch.cat(batches))
     assert streamed.keys() == expected.keys()
     for name, value in expected.items():
@@ -163,12 +181,14 @@ def test_evaluate_streaming_equals_one_shot_switch():
     sae.init_from_data_(batches[0])
     streamed = evaluate(sae, batches)
     x_BD = torch.cat(batches)
-    out, expected = _one_shot(sae, x_BD)
-    probs_BE, expert_B = out.info["router_probs_BE"], out.info["expert_B"]
-    expected |= {"load_balance": load_balance(probs_BE, expert_B), "router_entropy": router_entropy(probs_BE)}
+    _, expected = _one_shot(sae, x_BD)
+    probs_BE, expert_B = sae.route(x_BD)
+    f_E = torch.bincount(expert_B, minlength=4).double() / len(expert_B)
+    expected |= {"load_balance": (4 * f_E * probs_BE.double().mean(0)).sum().item(),
+                 "router_entropy": -(probs_BE * probs_BE.log()).sum(-1).mean().item()}
     for name, value in expected.items():
         assert streamed[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
-    assert streamed["expert_load"] == pytest.approx(expert_load(expert_B, 4).tolist())
+    assert streamed["expert_load"] == pytest.approx(f_E.tolist())
 
 
 def test_evaluate_window_and_empty_input():

@@ -1,6 +1,6 @@
 """The router inspector without a browser: a prompt comes back as one coloured span per token whose
 expert and probability are the runner's, choosing an expert (selector, bar click, or the browser
-itself) moves the feature browser's expert filter, the analysis panes show the analysis' numbers,
+itself) moves the feature browser's group filter, the analysis panes show the analysis' numbers,
 and bad input is a message, never a traceback."""
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class FakeRunner:
 
 
 class StubBrowser(param.Parameterized):
-    expert_filter = param.Integer(default=None, allow_None=True)
+    group_filter = param.Integer(default=None, allow_None=True)
 
 
 class Spans(HTMLParser):
@@ -177,7 +177,7 @@ def test_choosing_an_expert_sets_the_browser_filter_both_ways(analysis):
     labels = inspector.expert_select.options
     assert labels[0] == "all experts" and labels[3] == "expert 2: 20.0% of tokens"
     inspector.expert_select.value = labels[3]
-    assert browser.expert_filter == 2 and inspector.expert == 2
+    assert browser.group_filter == 2 and inspector.expert == 2
     assert inspector.load_source.selected.indices == [2]  # its bar is highlighted
     assert re.findall(r'<tr class="wb-expert-row wb-selected"[^>]*data-expert="(\d+)"',
                       inspector.experts_pane.object) == ["2"]
@@ -185,19 +185,19 @@ def test_choosing_an_expert_sets_the_browser_filter_both_ways(analysis):
         assert ("opacity:1;" in s["style"]) == (s["data-expert"] == "2")
 
     inspector.load_source.selected.indices = [1]  # a click on bar 1
-    assert browser.expert_filter == 1 and inspector.expert_select.value == labels[2]
+    assert browser.group_filter == 1 and inspector.expert_select.value == labels[2]
     inspector.expert_select.value = labels[1]
-    assert browser.expert_filter == 0  # expert 0 is not "no expert"
+    assert browser.group_filter == 0  # expert 0 is not "no expert"
     inspector.expert_select.value = labels[0]
-    assert browser.expert_filter is None and inspector.load_source.selected.indices == []
+    assert browser.group_filter is None and inspector.load_source.selected.indices == []
 
-    browser.expert_filter = 3  # set from the browser's side
+    browser.group_filter = 3  # set from the browser's side
     assert inspector.expert == 3 and inspector.expert_select.value == labels[4]
 
-    plain = SimpleNamespace(expert_filter=None)  # any object with the attribute will do
+    plain = SimpleNamespace(group_filter=None)  # any object with the attribute will do
     other = RouterInspector(analysis, browser=plain)
     other.expert_select.value = other.expert_select.options[2]
-    assert plain.expert_filter == 1
+    assert plain.group_filter == 1
 
 
 def test_analysis_panes_show_the_analysis(analysis):

@@ -98,30 +98,44 @@ def test_topk_init_and_code():
 
 def test_topk_auxk_only_with_dead_latents_and_only_on_them():
     x = _data(n=128)
-    sae = _perturb_(TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4, dead_tokens=10_000_000))).train()
-    assert sae(x).losses["auxk"].item() == 0.0  # nothing is dead yet
+    sae = _perturb_(TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4))).train()
+    assert sae(x).losses["auxk"].item() == 0.0  # no dead mask: nothing is dead
+    assert sae(x, dead_mask=torch.zeros(64, dtype=torch.bool)).losses["auxk"].item() == 0.0
 
-    sae = _perturb_(TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4, k_aux=6, dead_tokens=100))).train()
-    sae(x)  # 128 tokens seen: every latent that did not fire is now dead
-    dead = sae.dead_mask()
+    sae = _perturb_(TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4, k_aux=6))).train()
+    dead = sae.encode_code(x).fire_counts() == 0  # the latents that did not fire on x
     assert 0 < dead.sum() < 64
-    out = sae(x)
+    out = sae(x, dead_mask=dead)
     assert out.losses["auxk"].item() > 0
     sae.zero_grad()
     out.losses["auxk"].backward()
     touched = sae.W_enc.grad.abs().sum(0) > 0
     assert touched.any() and not (touched & ~dead).any()
+    assert "auxk" not in sae.eval()(x, dead_mask=dead).losses  # evaluation has no AuxK
 
 
-def test_topk_tracks_tokens_since_fired():
+def test_topk_auxk_follows_gao_et_al():
+    """AuxK = 1/32 * ||e - e_hat||^2 / ||e - mean e||^2, e_hat decoded (without b_pre) from the
+    top-k_aux pre-activations among the dead latents, written out densely."""
+    x = _data(n=32)
+    sae = _perturb_(TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4, k_aux=3))).train()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    out = sae(x, dead_mask=dead)
+    pre = (x - sae.b_dec) @ sae.W_enc
+    e = (x - out.recon_BD).detach()
+    vals, idx = pre.masked_fill(~dead, float("-inf")).topk(3, dim=-1)
+    e_hat = torch.zeros(32, 64).scatter(1, idx, vals.relu()) @ sae.W_dec
+    expected = (e - e_hat).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean() / 32
+    torch.testing.assert_close(out.losses["auxk"], expected)
+
+
+def test_topk_sae_holds_no_training_state():
     sae = TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4)).train()
-    x = _data(n=10)
-    sae(x)
-    fired = sae.encode_code(x).fire_counts() > 0
-    assert (sae.tokens_since_fired[fired] == 0).all()
-    assert (sae.tokens_since_fired[~fired] == 10).all()
-    sae.eval()(x)  # evaluation does not count
-    assert (sae.tokens_since_fired[~fired] == 10).all()
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    sae(_data(n=10), dead_mask=torch.ones(64, dtype=torch.bool))
+    assert sae.state_dict().keys() == before.keys() == {"W_enc", "W_dec", "b_dec", "b_enc"}
+    assert all(torch.equal(before[k], v) for k, v in sae.state_dict().items())
 
 
 # --- Switch ------------------------------------------------------------------------------------
@@ -131,9 +145,9 @@ def test_switch_routes_each_token_to_its_argmax_expert_only():
     sae = _perturb_(SwitchSAE(cfg))
     x = _data()
     out = sae(x)
-    expert = out.info["expert_B"]
-    probs = out.info["router_probs_BE"]
-    torch.testing.assert_close(probs.sum(-1), torch.ones(64))
+    probs, expert = sae.route(x)
+    torch.testing.assert_close(probs, torch.softmax((x - sae.b_router) @ sae.W_router, dim=-1))
+    assert torch.equal(expert, probs.argmax(-1))
     assert torch.equal(out.code.idx // cfg.expert_width, expert[:, None].expand(-1, 3))
     # softmax gate: latents are scaled by the chosen expert's probability
     heaviside = SwitchSAE(SwitchConfig(d_in=16, d_sae=64, k=3, n_experts=4, gate="heaviside"))

@@ -107,21 +107,18 @@ def test_topk_matches_dense_reference(k, latent_bias, n_dead, chunk_rows, monkey
     """Also with dead latents (the AuxK path) and with the encoder run in chunks of 7 rows."""
     if chunk_rows is not None:
         monkeypatch.setattr(topk_module, "_CHUNK_ELEMENTS", chunk_rows * 64)
-    sae = TopKSAE(TopKConfig(d_in=16, d_sae=64, k=k, k_aux=8, dead_tokens=1000, latent_bias=latent_bias))
+    sae = TopKSAE(TopKConfig(d_in=16, d_sae=64, k=k, k_aux=8, latent_bias=latent_bias))
     _perturb_(sae)
     x_BD = _data(16)
-    dead_F = None
-    if n_dead:
-        dead_F = torch.zeros(64, dtype=torch.bool)
-        dead_F[torch.randperm(64, generator=torch.Generator().manual_seed(2))[:n_dead]] = True
-        sae.tokens_since_fired[dead_F] = 1000
+    dead_F = torch.zeros(64, dtype=torch.bool)
+    dead_F[torch.randperm(64, generator=torch.Generator().manual_seed(2))[:n_dead]] = True
 
-    out = sae(x_BD)
+    out = sae(x_BD, dead_mask=dead_F)
     sum(out.losses.values()).backward()
     grads = _grads(sae)
 
     sae.zero_grad(set_to_none=True)
-    recon_ref, dense_ref, losses_ref = _topk_dense_reference(sae, x_BD, dead_F)
+    recon_ref, dense_ref, losses_ref = _topk_dense_reference(sae, x_BD, dead_F if n_dead else None)
     sum(losses_ref.values()).backward()
     grads_ref = _grads(sae)
 

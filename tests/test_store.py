@@ -288,8 +288,8 @@ def test_open_errors(tmp_path, store):
     with pytest.raises(FileNotFoundError, match="no activation cache at"):
         ActivationStore.open(tmp_path / "nothing")
     other = dataclasses.replace(store.key, model="gpt2", site="blocks.8.hook_resid_post")
-    with pytest.raises(CacheError, match=f"was made for model=org/tiny-lm site=blocks.1.hook_resid_post, "
-                                         f"not model=gpt2 site=blocks.8.hook_resid_post; use another"):
+    with pytest.raises(CacheError, match="was made for model=org/tiny-lm site=blocks.1.hook_resid_post, "
+                                         "not model=gpt2 site=blocks.8.hook_resid_post; use another"):
         ActivationStore.open(store.folder, expect=other)
     with pytest.raises(CacheError, match="was made for n_tokens=10000, not n_tokens=5"):
         ActivationStore.open(store.folder, expect=dataclasses.replace(store.key, n_tokens=5))

@@ -44,7 +44,7 @@ class SparseStream:
 
 def four_saes(d_in: int = D) -> dict:
     return {
-        "topk": build_sae(make_config("topk", d_in=d_in, d_sae=F, k=4, dead_tokens=2 * B)),
+        "topk": build_sae(make_config("topk", d_in=d_in, d_sae=F, k=4)),
         "gated": build_sae(make_config("gated", d_in=d_in, d_sae=F)),
         "relu": build_sae(make_config("relu", d_in=d_in, d_sae=F, l1_warmup_steps=20)),
         "switch": build_sae(make_config("switch", d_in=d_in, d_sae=F, k=4, n_experts=4)),
@@ -58,7 +58,9 @@ def with_non_finite(x, nan: int, inf: int):
 
 
 def cfg(**fields) -> TrainConfig:
-    return TrainConfig(**{"warmup_steps": 5, "log_every": 5, "progress_bar": False, **fields})
+    # Dead after two batches without a fire: latents go dead within the runs, so AuxK is active.
+    return TrainConfig(**{"warmup_steps": 5, "log_every": 5, "progress_bar": False, "dead_window_tokens": 2 * B,
+                          **fields})
 
 
 # -------------------------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def test_history_rows_at_the_right_steps_with_the_right_keys():
     terms = {"topk": {"fvu", "auxk"}, "gated": {"l2", "l1", "aux"}, "relu": {"l2", "l1"},
              "switch": {"mse", "load_balance"}}
     for row in history:
-        extra = {"expert_load", "load_balance"} if row["sae"] == "switch" else set()
+        extra = {"expert_load", "load_balance", "router_entropy"} if row["sae"] == "switch" else set()
         assert set(row) == common | {f"loss/{t}" for t in terms[row["sae"]]} | extra
         assert row["tokens"] == row["step"] * B
         assert row["loss"] == pytest.approx(sum(v for k, v in row.items() if k.startswith("loss/")), rel=1e-5)
@@ -176,6 +178,7 @@ def test_history_rows_at_the_right_steps_with_the_right_keys():
     for row in (r for r in history if r["sae"] == "switch"):
         assert len(row["expert_load"]) == 4 and sum(row["expert_load"]) == pytest.approx(1.0)
         assert row["loss/load_balance"] == pytest.approx(3.0 * row["load_balance"], rel=1e-5)
+        assert 0.0 < row["router_entropy"] <= math.log(4) + 1e-6
     for row in (r for r in history if r["sae"] == "topk"):
         assert row["l0"] <= 4.0
 
@@ -192,6 +195,24 @@ def test_dead_fraction_counts_latents_silent_for_the_window(window_batches, step
     expected = (~fired_any).float().mean().item()
     assert 0.0 < expected < 1.0
     assert history[-1]["dead_fraction"] == pytest.approx(expected)
+
+
+def test_the_trainer_passes_its_dead_mask_into_forward():
+    """The one firing counter is the trainer's: forward gets the latents silent for the whole
+    window (none before a window has passed), and AuxK is on exactly when some are dead."""
+    sae = build_sae(make_config("topk", d_in=D, d_sae=4 * F, k=4))
+    seen = []
+    sae.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["dead_mask"].clone()),
+                                  with_kwargs=True)
+    fired = []
+    sae.register_forward_hook(lambda module, args, out: fired.append(out.code.fire_counts() > 0))
+    trainer = Trainer(sae, cfg(total_steps=6, log_every=1, dead_window_tokens=2 * B))
+    history = trainer.fit(SparseStream(6))
+    assert not seen[0].any() and not seen[1].any()  # fewer than a window's tokens seen
+    for step in range(2, 6):
+        expected = ~(fired[step - 1] | fired[step - 2])
+        assert torch.equal(seen[step], expected), step
+    assert history[1]["loss/auxk"] == 0.0 and history[-1]["loss/auxk"] > 0.0
 
 
 def test_callback_receives_every_row():
@@ -307,8 +328,8 @@ def test_run_writes_checkpoints_and_final_saes(tmp_path):
         assert sorted(p.name for p in (ckpts / step_dir / "saes").iterdir()) == ["gated", "relu", "switch", "topk"]
     state = torch.load(ckpts / "step_00000010" / "trainer_state.pt", weights_only=True)
     assert state["step"] == state["batches_consumed"] == 10 and state["tokens_seen"] == 10 * B
-    assert set(state["saes"]["topk"]) == {"module", "optimizer", "scheduler", "since_fired"}
-    assert "tokens_since_fired" in state["saes"]["topk"]["module"]
+    assert set(state["saes"]["topk"]) == {"module", "optimizer", "scheduler", "firing"}
+    assert state["saes"]["topk"]["firing"]["tokens_seen"] == 10 * B
     assert len(state["history"]) == 2 * 4
     for name, sae in trainer.saes.items():
         for folder in (tmp_path / "saes" / name, ckpts / "step_00000010" / "saes" / name):

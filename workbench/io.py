@@ -1,9 +1,9 @@
 """Save and load SAEs as SAELens-style folders: ``cfg.json`` + ``sae_weights.safetensors``.
 
-Keys and shapes follow SAELens: ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in), ``b_enc``, ``b_dec``;
-Gated has ``b_gate``, ``b_mag``, ``r_mag`` instead of ``b_enc``; Switch adds ``W_router`` (d_in, E) and
-``b_router`` (d_in,) and says ``"architecture": "switch"``. Our ReLU SAE is SAELens' "standard".
-Weights are safetensors only: nothing here ever unpickles.
+Keys and shapes follow SAELens: ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in), ``b_enc``, ``b_dec``,
+plus whatever else an architecture holds; each architecture says how it is written
+(``saelens_config``, ``saelens_tensors``) and read back (``load_saelens_tensors_``), so this module
+names none of them. Weights are safetensors only: nothing here ever unpickles.
 """
 from __future__ import annotations
 
@@ -12,44 +12,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .saes.base import BaseSAE
-from .saes.registry import ARCHITECTURES, build_sae
+from .saes.registry import ARCHITECTURES, architecture_of, build_sae
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-# SAELens names our "relu" architecture "standard"; everything else keeps its name.
-_TO_SAELENS = {"relu": "standard"}
-_FROM_SAELENS = {v: k for k, v in _TO_SAELENS.items()}
 
 
-def sae_tensors(sae: BaseSAE) -> dict[str, torch.Tensor]:
-    """The tensors a saved SAE holds: its parameters (training-only buffers are left out)."""
-    return {name: p.detach().contiguous().cpu() for name, p in sae.named_parameters()}
-
-
-@torch.no_grad()
 def fold_input_scale(sae: BaseSAE, scale: float) -> BaseSAE:
-    """A copy of ``sae`` that works on raw activations x when ``sae`` was trained on scale * x.
-
-    Every architecture reads x only through (x - b) @ W for its input-side biases b (b_dec, and
-    b_router for Switch) and writes it through W_dec and b_dec, so with s = scale:
-    W_enc <- s W_enc, W_router <- s W_router, b_dec <- b_dec / s, b_router <- b_router / s,
-    W_dec <- W_dec / s. The latents are unchanged; decoder rows now have norm 1/s.
-    """
-    folded = copy.deepcopy(sae)
-    params = dict(folded.named_parameters())
-    for name in ("W_enc", "W_router"):
-        if name in params:
-            params[name].mul_(scale)
-    for name in ("W_dec", "b_dec", "b_router"):
-        if name in params:
-            params[name].div_(scale)
-    return folded
+    """A copy of ``sae`` that works on raw activations x when ``sae`` was trained on scale * x
+    (see :meth:`~workbench.saes.base.BaseSAE.fold_input_scale_`)."""
+    return copy.deepcopy(sae).fold_input_scale_(scale)
 
 
 def save(sae: BaseSAE, path: str | Path, metadata: dict[str, Any] | None = None,
@@ -63,18 +40,15 @@ def save(sae: BaseSAE, path: str | Path, metadata: dict[str, Any] | None = None,
     if input_scale is not None:
         sae = fold_input_scale(sae, input_scale)
         metadata = {**(metadata or {}), "folded_input_scale": input_scale}
-    fields = sae.cfg.to_dict()
     cfg = {
-        **fields,
-        "architecture": _TO_SAELENS.get(fields["architecture"], fields["architecture"]),
+        **sae.saelens_config(),
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "workbench_version": __version__,
         "metadata": metadata or {},
     }
-    save_file(sae_tensors(sae), str(folder / WEIGHTS_FILE))
+    save_file(sae.saelens_tensors(), str(folder / WEIGHTS_FILE))
     (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
     return folder
 
@@ -94,10 +68,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{cfg_path} is not valid JSON ({e}); the folder is damaged") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path} holds a {type(cfg).__name__}, not a config object")
-    arch = _FROM_SAELENS.get(cfg.get("architecture"), cfg.get("architecture"))
-    if arch not in ARCHITECTURES:
+    arch = architecture_of(cfg)
+    if arch is None:
         raise ValueError(f"{cfg_path}: architecture {cfg.get('architecture')!r} is not one this workbench "
-                         f"can load ({sorted(ARCHITECTURES)} or SAELens 'standard')")
+                         f"can load ({sorted(ARCHITECTURES)}, or SAELens' names for them)")
     cfg["architecture"] = arch
     return cfg
 
@@ -121,18 +95,8 @@ def load(path: str | Path) -> BaseSAE:
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights_path} is corrupt or truncated ({e}); save the SAE again") from None
 
-    expected = sae_tensors(sae)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{weights_path} does not match a {cfg['architecture']} SAE: "
-                         f"missing {missing}, unexpected {extra}")
-    for name, ref in expected.items():
-        if tensors[name].shape != ref.shape:
-            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
-                             f"but cfg.json implies {tuple(ref.shape)}")
-    params = dict(sae.named_parameters())
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+    try:
+        sae.load_saelens_tensors_(tensors)
+    except ValueError as e:
+        raise ValueError(f"{weights_path}: {e}") from None
     return sae.eval()

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,55 +34,42 @@ from torch import Tensor, nn
 from .data.harvest import harvest
 from .data.sites import Site, block_list
 from .data.types import TokenBatch
-from .saes import SwitchConfig, SwitchSAE, TopKConfig, TopKSAE, UnitNormDecoder
+from .saes import SwitchConfig, SwitchSAE, TopKConfig, TopKSAE
 from .saes import topk as topk_module
+from .saes.base import BaseSAE, Code, SAEOutput
 from .saes.switch import load_balance_loss
-
-# -------------------------------------------------------------------------------------------------
-# The one training step every variant runs
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, decoder: UnitNormDecoder, x_BD: Tensor) -> None:
-    """What ``workbench.train.Trainer`` does per step: forward, the sum of the losses backward,
-    ``clip_grad_norm_(1.0)``, the decoder-gradient projection, the optimizer step, renormalisation."""
-    out = model(x_BD)
-    loss = sum(out.losses.values())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
-    decoder.project_grads()
-    optimizer.step()
-    decoder.renormalise()
-
+from .train.trainer import TrainConfig, Trainer
 
 # -------------------------------------------------------------------------------------------------
 # Dense reference models (plain autograd), initialised from one of ours
 
 
-class DenseOutput(NamedTuple):
-    recon_BD: Tensor
-    losses: dict[str, Tensor]
-
-
-class DenseTopK(nn.Module):
+class DenseTopK(BaseSAE):
     """Naive TopK: dense pre-activations, topk, scatter into a dense code, dense decoder matmul."""
 
     def __init__(self, sae: TopKSAE):
-        super().__init__()
         if sae.cfg.latent_bias:
             raise ValueError("DenseTopK copies a TopK SAE without an encoder bias; use latent_bias=False")
-        self.cfg = sae.cfg
+        super().__init__(sae.cfg)
         self.W_enc = nn.Parameter(sae.W_enc.detach().clone())
         self.W_dec = nn.Parameter(sae.W_dec.detach().clone())
         self.b_dec = nn.Parameter(sae.b_dec.detach().clone())
 
-    def forward(self, x_BD: Tensor) -> DenseOutput:
+    def _code(self, x_BD: Tensor) -> Tensor:
         pre_BF = (x_BD - self.b_dec) @ self.W_enc
         vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
-        z_BF = torch.zeros_like(pre_BF).scatter(1, idx_BK, vals_BK.relu())
+        return torch.zeros_like(pre_BF).scatter(1, idx_BK, vals_BK.relu())
+
+    @torch.no_grad()
+    def encode_code(self, x_BD: Tensor) -> Code:
+        return Code(self._code(x_BD), None, self.cfg.d_sae)
+
+    def forward(self, x_BD: Tensor, *, dead_mask: Tensor | None = None) -> SAEOutput:
+        z_BF = self._code(x_BD)
         recon_BD = z_BF @ self.W_dec + self.b_dec
         total_var = (x_BD - x_BD.mean(0)).pow(2).sum(-1).mean()
-        return DenseOutput(recon_BD, {"fvu": (x_BD - recon_BD).pow(2).sum(-1).mean() / total_var})
+        losses = {"fvu": (x_BD - recon_BD).pow(2).sum(-1).mean() / total_var}
+        return SAEOutput(recon_BD, Code(z_BF, None, self.cfg.d_sae), losses, {})
 
     def flops_per_token(self, training: bool = False) -> int:
         """Matmul FLOPs: encoder 2*d*M and dense decoder 2*d*M forward; a training step adds four
@@ -92,31 +79,37 @@ class DenseTopK(nn.Module):
         return 12 * dm if training else 4 * dm
 
 
-class DenseMaskedSwitch(nn.Module):
+class DenseMaskedSwitch(BaseSAE):
     """The Switch SAE paper's forward: every latent encoded, masked by p_{i*} on the chosen expert's
     block (0 elsewhere), topk over all M, dense decoder matmul."""
 
     def __init__(self, sae: SwitchSAE):
-        super().__init__()
         if sae.cfg.gate != "softmax":
             raise ValueError(f"DenseMaskedSwitch follows the paper's softmax gate; this SAE has gate={sae.cfg.gate!r}")
-        self.cfg = sae.cfg
+        super().__init__(sae.cfg)
         for name in ("W_enc", "W_dec", "b_dec", "W_router", "b_router"):
             setattr(self, name, nn.Parameter(getattr(sae, name).detach().clone()))
         self.register_buffer("block_F", torch.arange(sae.cfg.d_sae, device=sae.W_dec.device) // sae.cfg.expert_width)
 
-    def forward(self, x_BD: Tensor) -> DenseOutput:
+    def _code(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         probs_BE = torch.softmax((x_BD - self.b_router) @ self.W_router, dim=-1)
         p_top_B, expert_B = probs_BE.max(-1)
         z_BF = torch.relu((x_BD - self.b_dec) @ self.W_enc)
         mask_BF = (self.block_F[None, :] == expert_B[:, None]) * p_top_B[:, None]
         vals_BK, idx_BK = (z_BF * mask_BF).topk(self.cfg.k, dim=-1, sorted=False)
-        dense_BF = torch.zeros_like(z_BF).scatter(1, idx_BK, vals_BK)
+        return torch.zeros_like(z_BF).scatter(1, idx_BK, vals_BK), probs_BE, expert_B
+
+    @torch.no_grad()
+    def encode_code(self, x_BD: Tensor) -> Code:
+        return Code(self._code(x_BD)[0], None, self.cfg.d_sae)
+
+    def forward(self, x_BD: Tensor, *, dead_mask: Tensor | None = None) -> SAEOutput:
+        dense_BF, probs_BE, expert_B = self._code(x_BD)
         recon_BD = dense_BF @ self.W_dec + self.b_dec
         losses = {"mse": (x_BD - recon_BD).pow(2).mean()}
         if self.cfg.lb_alpha > 0:
             losses["load_balance"] = self.cfg.lb_alpha * load_balance_loss(probs_BE, expert_B)
-        return DenseOutput(recon_BD, losses)
+        return SAEOutput(recon_BD, Code(dense_BF, None, self.cfg.d_sae), losses, {})
 
     def flops_per_token(self, training: bool = False) -> int:
         """Matmul FLOPs: router 2*d*E, encoder 2*d*M and dense decoder 2*d*M forward; a training step
@@ -149,14 +142,15 @@ class Timed:
         return statistics.median(self.times)
 
 
-def step_row(name: str, model: nn.Module, x_BD: Tensor, lr: float) -> Timed:
-    """A training step of ``model`` on the fixed batch ``x_BD`` (fused Adam where the device has it)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr, fused=True)
-    decoder = UnitNormDecoder([model.W_dec])
+def step_row(name: str, model: BaseSAE, x_BD: Tensor, lr: float) -> Timed:
+    """A training step of ``model`` on the fixed batch ``x_BD``: :meth:`Trainer.train_step` of a
+    trainer with the constant rate ``lr`` (no warm-up or decay), so the row times exactly what
+    training runs (fused Adam where the device has it, clipping, the decoder constraint, firing
+    counts and step statistics)."""
+    cfg = TrainConfig(total_steps=2**62, lr=lr, warmup_steps=0, decay_fraction=0.0, progress_bar=False)
+    trainer = Trainer(model, cfg)
     model.train()
-    flops = model.flops_per_token(training=True) if hasattr(model, "flops_per_token") else None
-    return Timed(name, lambda: train_step(model, optimizer, decoder, x_BD), flops)
+    return Timed(name, lambda: trainer.train_step(x_BD), model.flops_per_token(training=True))
 
 
 def benchmark_batch(d: int, batch: int, device: str | torch.device = "cpu", seed: int = 0) -> Tensor:

@@ -24,12 +24,11 @@ from .data.synthetic import SyntheticConfig, SyntheticData, recovery_score
 from .data.text import load_texts, tokenize_contexts
 from .data.types import ActivationChunk, TokenBatch
 from .eval.downstream import splice_scores_many
-from .eval.features import build_feature_index, unembedding
+from .eval.features import index_sae, unembedding
 from .eval.metrics import evaluate
-from .eval.router import analyze_router
 from .io import fold_input_scale
 from .io import load as load_sae
-from .saes import BaseSAE, SAEConfig, build_sae, make_config
+from .saes import ARCHITECTURES, BaseSAE, SAEConfig, build_sae, make_config
 from .train.trainer import TrainConfig, Trainer
 
 DATA_SOURCES = ("model", "synthetic")
@@ -110,9 +109,9 @@ class RunConfig:
     """A whole run: the SAEs, how to train them, on what data, and where to write them."""
 
     saes: dict[str, dict[str, Any]]
-    """The SAEs to train side by side on one stream, by name: {name: {architecture: topk | gated |
-    relu | switch, <field>: <value>, ...}}. d_in defaults to the data's width; the fields of each
-    architecture are listed below."""
+    """The SAEs to train side by side on one stream, by name: {name: {architecture: <name>,
+    <field>: <value>, ...}}. d_in defaults to the data's width; the architectures and their fields
+    are listed below."""
     train: TrainConfig
     """How to train (steps, learning rate, schedule, checkpoints)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,7 +130,8 @@ class RunConfig:
         settings and every SAE's fields (all but d_in, which comes from the data)."""
         self.data.validate()
         if not isinstance(self.saes, dict) or not self.saes:
-            raise ValueError("saes: give at least one SAE, e.g. {my_sae: {architecture: topk, d_sae: 1024, k: 8}}")
+            raise ValueError(f"saes: give at least one SAE, e.g. {{my_sae: {{architecture: <name>, d_sae: 1024}}}} "
+                             f"with a name from {sorted(ARCHITECTURES)}")
         for name, fields in self.saes.items():
             _sae_config(name, fields, fields.get("d_in", 1) if isinstance(fields, dict) else 1)
 
@@ -141,7 +141,7 @@ class RunConfig:
 
 def _sae_config(name: str, fields: Any, d_in: int) -> SAEConfig:
     if not isinstance(fields, dict) or "architecture" not in fields:
-        raise ValueError(f"saes.{name} must be a mapping with an 'architecture' key (topk, gated, relu, switch)")
+        raise ValueError(f"saes.{name} must be a mapping with an 'architecture' key (one of {sorted(ARCHITECTURES)})")
     try:
         return make_config(**{"d_in": d_in, **fields})
     except ValueError as e:
@@ -310,8 +310,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 # Feature indexes of a finished run, for the feature browser
 
 FEATURES_DIR = "features"
-"""A run's feature indexes live in run_dir/features/<sae name>/ (with the router analysis of a
-Switch SAE in the same folder)."""
+"""A run's feature indexes live in run_dir/features/<sae name>/ (with any analysis of the SAE's own
+kind in the same folder)."""
 
 
 def read_run(run_dir: str | Path) -> RunConfig:
@@ -328,7 +328,7 @@ def read_run(run_dir: str | Path) -> RunConfig:
 
 def read_history(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     """The training history of a finished run, {sae name: its rows in step order} (each row: step,
-    tokens, lr, loss and its terms, mse, l0, dead_fraction; expert_load and load_balance for Switch)."""
+    tokens, lr, loss and its terms, mse, l0, dead_fraction and the SAE's own metrics)."""
     path = Path(run_dir) / "history.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no history.json; it is written when a run finishes")
@@ -354,9 +354,9 @@ def features_dir(run_dir: str | Path, sae_name: str) -> Path:
 
 
 def index_run(run_dir: str | Path, sae_names: list[str] | None = None, progress: bool = True) -> dict[str, Path]:
-    """Build what the feature browser shows for each SAE of a finished run (all, or ``sae_names``):
-    the feature index on the run's held-out activations and, for a Switch SAE, the router analysis,
-    both saved into run_dir/features/<name>/. Returns {name: that folder}.
+    """Build what the feature browser shows for each SAE of a finished run (all, or ``sae_names``)
+    on the run's held-out activations (:func:`workbench.eval.features.index_sae`), saved into
+    run_dir/features/<name>/. Returns {name: that folder}.
 
     The held-out store is the run's own (rebuilt from config.json, so it comes from the activation
     cache when that is still there). Saved SAEs read raw activations, so nothing is rescaled.
@@ -372,10 +372,6 @@ def index_run(run_dir: str | Path, sae_names: list[str] | None = None, progress:
     folders = {}
     for name in names:
         sae = load_sae(Path(run_dir) / "saes" / name).to(device)
-        folder = features_dir(run_dir, name)
-        build_feature_index(sae, source.eval, source.tokenizer, unembed_VD=unembed_VD,
-                            progress=progress).save(folder)
-        if sae.cfg.architecture == "switch":
-            analyze_router(sae, source.eval, source.tokenizer, progress=progress).save(folder)
-        folders[name] = folder
+        folders[name] = index_sae(sae, source.eval, source.tokenizer, features_dir(run_dir, name),
+                                  unembed_VD=unembed_VD, progress=progress)
     return folders

@@ -51,7 +51,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.store import ActivationStore
-from ..saes.base import BaseSAE, Code
+from ..saes.base import BaseSAE, Code, LatentGroups
+from .router import analyze_router, routes_tokens
 
 FORMAT = 1
 TENSORS_FILE = "feature_index.safetensors"
@@ -142,8 +143,9 @@ class FeatureIndex:
         """(F,) mean activation over the tokens where the feature fired (0 if it never did)."""
         self.max_act: Tensor = tensors["max_act_F"]
         """(F,) largest activation (0 if it never fired)."""
-        self.expert: Tensor | None = tensors.get("expert_F")
-        """(F,) the Switch expert each feature belongs to; None for other architectures."""
+        self.groups: LatentGroups | None = _groups(tensors, info)
+        """The expert or prefix level of each feature (the SAE's ``latent_groups()``); None for a
+        flat dictionary."""
         self._strings = dict(zip(info["token_ids"], info["token_strings"]))
 
     def __repr__(self) -> str:
@@ -352,17 +354,37 @@ def build_feature_index(sae: BaseSAE, store: ActivationStore, tokenizer: Any, *,
         tensors.update(_output_effects(sae.W_dec.detach().float().cpu(), unembed_VD.detach().float().cpu(),
                                        cfg.n_output_tokens, progress))
         shown_ids += [tensors["effect_top_ids_FO"].flatten(), tensors["effect_bottom_ids_FO"].flatten()]
-    n_experts = getattr(sae.cfg, "n_experts", None)
-    if n_experts is not None:
-        tensors["expert_F"] = torch.arange(sae.cfg.d_sae) // (sae.cfg.d_sae // n_experts)
+    groups = sae.latent_groups()
+    if groups is not None:
+        tensors["group_F"] = groups.group_F
 
     token_ids = [i for i in torch.cat([ids.long() for ids in shown_ids]).unique().tolist() if i >= 0]
     info = {"format": FORMAT, "d_sae": sae.cfg.d_sae, "n_tokens": store.n_rows,
             "architecture": sae.cfg.architecture, "config": dataclasses.asdict(cfg),
+            "group_kind": None if groups is None else groups.kind,
             "source": {"model": store.key.model, "site": store.key.site, "text": store.key.text,
                        "store": str(store.folder), "scale": scale},
             "token_ids": token_ids, "token_strings": readable_tokens(tokenizer, token_ids)}
     return FeatureIndex(tensors, info)
+
+
+def index_sae(sae: BaseSAE, store: ActivationStore, tokenizer: Any, folder: str | Path, *,
+              unembed_VD: Tensor | None = None, progress: bool = True) -> Path:
+    """Everything the browser shows about one SAE (which reads raw activations), saved into
+    ``folder``: the feature index on ``store`` and, for an SAE that routes tokens to experts, the
+    router analysis (:func:`workbench.eval.router.analyze_router`)."""
+    build_feature_index(sae, store, tokenizer, unembed_VD=unembed_VD, progress=progress).save(folder)
+    if routes_tokens(sae):
+        analyze_router(sae, store, tokenizer, progress=progress).save(folder)
+    return Path(folder)
+
+
+def _groups(tensors: dict[str, Tensor], info: dict[str, Any]) -> LatentGroups | None:
+    if "group_F" in tensors:
+        return LatentGroups(info["group_kind"], tensors["group_F"])
+    if "expert_F" in tensors:  # indexes written before latent groups had a kind
+        return LatentGroups("expert", tensors["expert_F"])
+    return None
 
 
 def _scaled(x_BD: Tensor, scale: float | None) -> Tensor:

@@ -1,6 +1,6 @@
 """SAE evaluation metrics over a batch of tokens, streaming firing statistics, and :func:`evaluate`.
 
-Shape suffixes: B tokens, D model dim (d_in), F latents (d_sae), E experts. Unless a docstring says
+Shape suffixes: B tokens, D model dim (d_in), F latents (d_sae). Unless a docstring says
 otherwise a function reduces over the tokens of the batch it is given and returns a Python float.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..saes.base import BaseSAE, Code
-from ..saes.switch import load_balance_loss
 
 
 def mse(x_BD: Tensor, recon_BD: Tensor) -> float:
@@ -48,7 +47,7 @@ def cosine_similarity(x_BD: Tensor, recon_BD: Tensor) -> float:
 
 
 def relative_reconstruction_bias(x_BD: Tensor, recon_BD: Tensor) -> float:
-    """gamma = E_b ||x_hat||^2 / E_b [x . x_hat] (Gated SAE paper, Eq. 10).
+    """gamma = E_b ||x_hat||^2 / E_b [x . x_hat] (Rajamanoharan et al. 2024, Eq. 10).
 
     gamma is the inverse of the scale that best fits x_hat to x: gamma < 1 means the SAE shrinks its
     reconstructions (as an L1 penalty does), gamma = 1 means no shrinkage.
@@ -56,61 +55,46 @@ def relative_reconstruction_bias(x_BD: Tensor, recon_BD: Tensor) -> float:
     return (recon_BD.pow(2).sum() / (x_BD * recon_BD).sum()).item()
 
 
-def expert_load(expert_B: Tensor, n_experts: int) -> Tensor:
-    """f_i: the fraction of tokens routed to each expert, (E,)."""
-    return torch.bincount(expert_B, minlength=n_experts).float() / expert_B.shape[0]
-
-
-def mean_router_prob(probs_BE: Tensor) -> Tensor:
-    """P_i: the router probability of each expert averaged over tokens, (E,)."""
-    return probs_BE.mean(0)
-
-
-def router_entropy(probs_BE: Tensor) -> float:
-    """mean_b -sum_i p_bi ln p_bi in nats: ln E for a router that is uniform on every token, 0 for one
-    that is certain."""
-    return torch.special.entr(probs_BE).sum(-1).mean().item()
-
-
-def load_balance(probs_BE: Tensor, expert_B: Tensor) -> float:
-    """E * sum_i f_i P_i, the Switch load-balancing loss without its alpha: 1 when routing is uniform,
-    up to E when every token goes to one expert with probability 1."""
-    return load_balance_loss(probs_BE, expert_B).item()
-
-
 class FiringStats:
-    """Per-latent firing statistics streamed over batches, O(F) per :meth:`update`.
+    """Per-latent firing statistics streamed over batches, O(F) per :meth:`update`: the one firing
+    counter of the workbench (the Trainer keeps one per SAE; :func:`evaluate` one per evaluation).
 
     A latent is dead when it has not fired on any of the last min(window_tokens, tokens_seen)
     tokens: once a full window has streamed past, "not in the last ``window_tokens`` tokens";
     before that, "not on any token seen so far", so a short evaluation still reports the latents
-    that never fired instead of reporting none. (TopKSAE's own training rule, which drives AuxK,
-    counts nothing as dead before ``dead_tokens`` tokens.) Firing is tracked at batch resolution:
-    a latent that fires anywhere in a batch counts as having fired at the batch's last token.
+    that never fired instead of reporting none. (The dead mask that drives a dead-latent loss in
+    training, :meth:`silent_for`, counts nothing as dead before a whole window has passed.) Firing
+    is tracked at batch resolution: a latent that fires anywhere in a batch counts as having fired
+    at the batch's last token.
 
     Firing frequencies are over every token seen, not only the window.
     """
 
-    def __init__(self, d_sae: int, window_tokens: int | None = 10_000_000):
+    def __init__(self, d_sae: int, window_tokens: int | None = 10_000_000, device: str | torch.device = "cpu"):
         """``window_tokens=None`` makes the window every token seen (dead = never fired)."""
         if window_tokens is not None and window_tokens <= 0:
             raise ValueError(f"window_tokens={window_tokens} must be positive, or None for all tokens seen")
         self.d_sae = d_sae
         self.window_tokens = window_tokens
         self.tokens_seen = 0
-        self.tokens_since_fired_F = torch.zeros(d_sae, dtype=torch.long)
-        self.fire_counts_F = torch.zeros(d_sae, dtype=torch.long)
+        self.tokens_since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.fire_counts_F = torch.zeros(d_sae, dtype=torch.long, device=device)
 
     def update(self, code: Code) -> None:
-        """Add one batch: its ``fire_counts()`` and its B tokens."""
+        """Add one batch: its ``fire_counts()`` and its B tokens (no device sync)."""
         if code.d_sae != self.d_sae:
             raise ValueError(f"code has d_sae={code.d_sae} but these FiringStats track {self.d_sae} latents")
         counts_F = code.fire_counts()
         n_tokens = code.acts.shape[0]
         self.fire_counts_F = self.fire_counts_F.to(counts_F.device) + counts_F
         self.tokens_since_fired_F = self.tokens_since_fired_F.to(counts_F.device) + n_tokens
-        self.tokens_since_fired_F[counts_F > 0] = 0
+        self.tokens_since_fired_F.masked_fill_(counts_F > 0, 0)
         self.tokens_seen += n_tokens
+
+    def silent_for(self, n_tokens: int) -> Tensor:
+        """(F,) bool: latents that have not fired on the last ``n_tokens`` tokens (none before that
+        many have been seen)."""
+        return self.tokens_since_fired_F >= n_tokens
 
     def dead_mask(self) -> Tensor:
         """(F,) bool: latents that have not fired in the last min(window_tokens, tokens_seen) tokens;
@@ -118,7 +102,7 @@ class FiringStats:
         if self.tokens_seen == 0:
             return torch.zeros_like(self.tokens_since_fired_F, dtype=torch.bool)
         window = self.tokens_seen if self.window_tokens is None else min(self.window_tokens, self.tokens_seen)
-        return self.tokens_since_fired_F >= window
+        return self.silent_for(window)
 
     def dead_fraction(self) -> float:
         """Fraction of latents that are dead (see the class docstring); 0.0 before any token is seen."""
@@ -131,6 +115,15 @@ class FiringStats:
     def dense_fraction(self, threshold: float = 0.1) -> float:
         """Fraction of latents that fire on more than ``threshold`` of the tokens seen."""
         return (self.firing_frequency() > threshold).float().mean().item()
+
+    def state_dict(self) -> dict[str, Tensor | int]:
+        return {"tokens_seen": self.tokens_seen, "tokens_since_fired": self.tokens_since_fired_F,
+                "fire_counts": self.fire_counts_F}
+
+    def load_state_dict(self, state: dict[str, Tensor | int]) -> None:
+        self.tokens_seen = int(state["tokens_seen"])
+        self.tokens_since_fired_F.copy_(state["tokens_since_fired"])
+        self.fire_counts_F.copy_(state["fire_counts"])
 
 
 class _Totals:
@@ -155,11 +148,12 @@ def evaluate(sae: BaseSAE, batches: Iterable[Tensor],
     """Run ``sae`` in eval mode over (B, D) batches and return every metric over all their tokens.
 
     Keys: "mse", "fvu", "explained_variance", "l0", "cosine", "gamma", "dead_fraction",
-    "dense_fraction" (latents firing on more than 10% of tokens), and for a Switch SAE also
-    "load_balance", "router_entropy" and "expert_load" (a list of E fractions). Each is the
-    function of the same name above applied to all tokens at once; "dead_fraction" counts latents
-    that never fired, or with ``window_tokens`` set, follows :class:`FiringStats`. The SAE's
-    training mode is restored afterwards; batches are moved to the SAE's device.
+    "dense_fraction" (latents firing on more than 10% of tokens), and whatever metrics the
+    architecture reports (:meth:`~workbench.saes.base.BaseSAE.summarize_metrics` of its totals over
+    all tokens). Each is the function of the same name above applied to all tokens at once;
+    "dead_fraction" counts latents that never fired, or with ``window_tokens`` set, follows
+    :class:`FiringStats`. The SAE's training mode is restored afterwards; batches are moved to the
+    SAE's device.
     """
     was_training = sae.training
     sae.eval()
@@ -167,8 +161,8 @@ def evaluate(sae: BaseSAE, batches: Iterable[Tensor],
         device = next(sae.parameters()).device
         firing = FiringStats(sae.cfg.d_sae, window_tokens)
         totals = _Totals()
+        sae_totals = _Totals()
         n_tokens = 0
-        n_experts = 0
         for x_BD in batches:
             x_BD = x_BD.to(device)
             out = sae(x_BD)
@@ -178,11 +172,7 @@ def evaluate(sae: BaseSAE, batches: Iterable[Tensor],
                        err2_D=err_BD.pow(2).sum(0), l0=out.code.l0().sum(),
                        cosine=F.cosine_similarity(x_BD, out.recon_BD, dim=-1).sum(),
                        recon2=recon64_BD.pow(2).sum(), dot=(x64_BD * recon64_BD).sum())
-            if out.info is not None:
-                probs_BE, expert_B = out.info["router_probs_BE"], out.info["expert_B"]
-                n_experts = probs_BE.shape[1]
-                totals.add(expert_E=torch.bincount(expert_B, minlength=n_experts), probs_E=probs_BE.sum(0),
-                           entropy=torch.special.entr(probs_BE).sum())
+            sae_totals.add(**out.metrics)
             firing.update(out.code)
             n_tokens += x_BD.shape[0]
     finally:
@@ -202,9 +192,4 @@ def evaluate(sae: BaseSAE, batches: Iterable[Tensor],
         "dead_fraction": firing.dead_fraction(),
         "dense_fraction": firing.dense_fraction(),
     }
-    if n_experts:
-        f_E = totals["expert_E"] / n_tokens
-        metrics["load_balance"] = (n_experts * (f_E * totals["probs_E"] / n_tokens).sum()).item()
-        metrics["router_entropy"] = totals["entropy"].item() / n_tokens
-        metrics["expert_load"] = f_E.tolist()
-    return metrics
+    return metrics | sae.summarize_metrics(sae_totals.sums, n_tokens)

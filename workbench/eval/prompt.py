@@ -17,8 +17,8 @@ from ..data.harvest import harvest
 from ..data.sites import Site, resolve_site
 from ..data.types import TokenBatch
 from ..saes.base import BaseSAE
-from ..saes.switch import SwitchSAE
 from .features import readable_tokens
+from .router import routes_tokens
 
 EMPTY_PROMPT = "type a prompt to see which features fire"
 
@@ -33,9 +33,9 @@ class PromptResult(NamedTuple):
     acts_TF: Tensor
     """(T, F) every latent's activation at every token."""
     expert_T: Tensor | None
-    """(T,) the expert a Switch SAE routes each token to; None for other architectures."""
+    """(T,) the expert the SAE routes each token to (a Switch SAE); None for SAEs without a router."""
     probs_TE: Tensor | None
-    """(T, E) the Switch router's probabilities; None for other architectures."""
+    """(T, E) the router's probabilities; None for SAEs without a router."""
 
 
 class PromptRunner:
@@ -61,6 +61,6 @@ class PromptRunner:
         with torch.no_grad():
             acts_TF = self.sae.encode(x_TD).cpu()
             expert_T = probs_TE = None
-            if isinstance(self.sae, SwitchSAE):
+            if routes_tokens(self.sae):
                 probs_TE, expert_T = (t.cpu() for t in self.sae.route(x_TD))
         return PromptResult(readable_tokens(self.tokenizer, ids_1T[0]), ids_1T[0], acts_TF, expert_T, probs_TE)

@@ -33,7 +33,6 @@ from transformers import PreTrainedTokenizerBase
 from ..data.store import ActivationStore
 from ..saes.base import BaseSAE
 from .geometry import unit_rows
-from ..saes.switch import SwitchSAE
 
 ENTROPY_BINS = 40
 """Bins of the router-entropy histogram between 0 and ln E."""
@@ -139,6 +138,13 @@ class RouterAnalysis:
                    n_duplicated_latents=meta["n_duplicated_latents"], dup_threshold=meta["dup_threshold"])
 
 
+def routes_tokens(sae: BaseSAE) -> bool:
+    """Whether ``sae`` sends each token to one expert: it has ``route(x) -> (probs_BE, expert_B)``
+    and its ``latent_groups()`` are those experts, each a contiguous block of equal width."""
+    groups = sae.latent_groups()
+    return callable(getattr(sae, "route", None)) and groups is not None and groups.kind == "expert"
+
+
 @torch.no_grad()
 def analyze_router(sae: BaseSAE, store: ActivationStore, tokenizer: PreTrainedTokenizerBase, *,
                    scale: float | None = None, dup_threshold: float = 0.9, batch_size: int = 4096,
@@ -150,12 +156,13 @@ def analyze_router(sae: BaseSAE, store: ActivationStore, tokenizer: PreTrainedTo
     ``batch_size`` at a time, so memory stays bounded whatever the cache's size; the decoder
     geometry is computed in tiles for the same reason.
     """
-    if not isinstance(sae, SwitchSAE):
+    if not routes_tokens(sae):
         raise ValueError(f"the router view needs a Switch SAE; this is a {sae.cfg.architecture} SAE")
     if store.d != sae.cfg.d_in:
         raise ValueError(f"the SAE reads d_in={sae.cfg.d_in} but the cache's activations have d={store.d}; "
                          f"pass the cache of the site the SAE was trained on")
-    n_experts, width = sae.cfg.n_experts, sae.cfg.expert_width
+    n_experts = sae.latent_groups().n_groups
+    width = sae.cfg.d_sae // n_experts
     device = next(sae.parameters()).device
     # ln 1 = 0 would leave no room for bins; a one-expert router's entropy is 0 anyway.
     edges = torch.from_numpy(np.linspace(0, math.log(n_experts) if n_experts > 1 else 1.0, ENTROPY_BINS + 1))
@@ -174,15 +181,14 @@ def analyze_router(sae: BaseSAE, store: ActivationStore, tokenizer: PreTrainedTo
                 x_BD = store.read_rows(start, stop).to(device)
                 if scale is not None:
                     x_BD = x_BD * scale
-                out = sae(x_BD)
-                expert_B, probs_BE = out.info["expert_B"].cpu(), out.info["router_probs_BE"].cpu()
+                probs_BE, expert_B = (t.cpu() for t in sae.route(x_BD))
                 routed_E += torch.bincount(expert_B, minlength=n_experts)
                 prob_sum_E += probs_BE.double().sum(0)
                 entropy_B = torch.special.entr(probs_BE.double()).sum(-1).clamp(edges[0], edges[-1])
                 # right=True on the inner edges: bins are [lo, hi), the last one [lo, hi], as numpy's.
                 bin_B = torch.bucketize(entropy_B, edges[1:-1], right=True)
                 entropy_counts += torch.bincount(bin_B, minlength=ENTROPY_BINS)
-                fired_F += out.code.fire_counts().cpu()
+                fired_F += sae.encode_code(x_BD).fire_counts().cpu()
                 expert_N[start:stop] = expert_B.numpy()
                 bar.update(stop - start)
     finally:

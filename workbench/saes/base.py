@@ -6,6 +6,7 @@ E experts.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ class Code(NamedTuple):
 
     Either k-sparse (``idx`` holds the active latent ids, ``acts`` their values, both (B, K)), or
     dense (``idx`` is None and ``acts`` is (B, F)). TopK and Switch SAEs give the first form, ReLU and
-    Gated SAEs the second.
+    Gated SAEs the second. Architectures whose number of active latents varies per token (BatchTopK)
+    pad each row of the k-sparse form to the batch's longest with zero activations; a zero entry
+    never counts as firing, whatever its id.
     """
 
     acts: Tensor
@@ -33,7 +36,8 @@ class Code(NamedTuple):
         if self.idx is None:
             return self.acts
         out_BF = self.acts.new_zeros(self.acts.shape[0], self.d_sae)
-        return out_BF.scatter_(1, self.idx, self.acts)
+        # A sum, not an assignment: a padding entry may repeat the id of a real one.
+        return out_BF.scatter_add_(1, self.idx, self.acts)
 
     def l0(self) -> Tensor:
         """Number of latents that fired (value > 0) for each token, (B,)."""
@@ -53,13 +57,30 @@ class SAEOutput(NamedTuple):
 
     ``losses`` holds each loss term already multiplied by its coefficient, so the training loss is
     ``sum(losses.values())``; the names say what each term is (e.g. ``"mse"``, ``"auxk"``).
-    ``info`` holds architecture-specific tensors (Switch: ``expert_B``, ``router_probs_BE``).
+    ``metrics`` holds what else the architecture reports about the batch, as totals over its tokens
+    (each a tensor that adds up across batches); :meth:`BaseSAE.summarize_metrics` turns totals over
+    any number of tokens into the reported values. The trainer and the evaluator log whatever is
+    there without knowing what it means.
     """
 
     recon_BD: Tensor
     code: Code
     losses: dict[str, Tensor]
-    info: dict[str, Tensor] | None = None
+    metrics: dict[str, Tensor]
+
+
+class LatentGroups(NamedTuple):
+    """Which group each latent belongs to, for SAEs whose dictionary has parts: a Switch SAE's
+    experts, a Matryoshka SAE's nested prefixes."""
+
+    kind: str
+    """What a group is, as the browser names it ("expert", "level")."""
+    group_F: Tensor
+    """(F,) int64: the group of each latent, 0 to n_groups - 1."""
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.group_F.max()) + 1
 
 
 @dataclass
@@ -74,6 +95,8 @@ class SAEConfig:
     """Seed for the SAE's initial weights."""
 
     architecture: ClassVar[str] = ""
+    saelens_architecture: ClassVar[str] = ""
+    """The name SAELens reads this architecture's folders under ("" means the same as ours)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field; subclasses extend this."""
@@ -82,14 +105,23 @@ class SAEConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{self.architecture} SAE: {name}={value!r} must be a positive integer")
 
+    def default_lr(self) -> float:
+        """The learning rate the architecture's paper trains with (the Trainer's default)."""
+        raise NotImplementedError(f"{type(self).__name__} must define default_lr()")
+
     def to_dict(self) -> dict:
         return {"architecture": self.architecture, **dataclasses.asdict(self)}
 
 
-class BaseSAE(nn.Module):
-    """Parameters follow SAELens names and shapes: ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in),
+class BaseSAE(nn.Module, abc.ABC):
+    """The interface every architecture implements; the trainer, the evaluator, io, the feature
+    index and the widgets use nothing else.
+
+    Parameters follow SAELens names and shapes: ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in),
     ``b_enc`` (d_sae,), ``b_dec`` (d_in,). Decoder rows are kept at unit norm by
-    :class:`UnitNormDecoder` during training."""
+    :class:`UnitNormDecoder` during training. An SAE holds no training-only state: what a run
+    tracks (e.g. which latents are dead) is the trainer's and comes in through ``forward``.
+    """
 
     cfg: SAEConfig
 
@@ -98,22 +130,52 @@ class BaseSAE(nn.Module):
         super().__init__()
         self.cfg = cfg
 
-    def encode(self, x_BD: Tensor) -> Tensor:
-        """Dense (B, F) latent activations."""
-        return self.encode_code(x_BD).dense()
+    # --- what each architecture defines -------------------------------------------------------
 
+    @abc.abstractmethod
     def encode_code(self, x_BD: Tensor) -> Code:
-        raise NotImplementedError
+        """The latents of a batch, without gradient, as in evaluation and inference."""
 
-    def decode(self, latents_BF: Tensor) -> Tensor:
-        """Reconstruction from dense latents: latents @ W_dec + b_dec."""
-        return latents_BF @ self.W_dec + self.b_dec
+    @abc.abstractmethod
+    def forward(self, x_BD: Tensor, *, dead_mask: Tensor | None = None) -> SAEOutput:
+        """Reconstruction, code, weighted loss terms and metric totals of a batch.
 
-    def forward(self, x_BD: Tensor) -> SAEOutput:
-        raise NotImplementedError
+        ``dead_mask`` (F,) bool marks the latents the trainer counts as dead (not fired for
+        ``TrainConfig.dead_window_tokens`` tokens), for architectures with a dead-latent loss.
+        """
 
+    @abc.abstractmethod
     def flops_per_token(self, training: bool = False) -> int:
-        raise NotImplementedError
+        """Matmul FLOPs per token of a forward pass, or of a whole training step."""
+
+    def default_lr(self) -> float:
+        """The learning rate the Trainer uses for this SAE unless told otherwise."""
+        return self.cfg.default_lr()
+
+    # --- what an architecture may extend ----------------------------------------------------------
+
+    def summarize_metrics(self, totals: dict[str, Tensor], n_tokens: int) -> dict[str, float | list[float]]:
+        """The reported values of metric ``totals`` summed over ``n_tokens`` tokens: by default
+        each total divided by the tokens (a mean per token)."""
+        return {name: (total / n_tokens).tolist() for name, total in totals.items()}
+
+    def latent_groups(self) -> LatentGroups | None:
+        """Which expert or prefix each latent belongs to; None for a flat dictionary."""
+        return None
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> BaseSAE:
+        """Make the SAE, trained on ``scale * x``, read raw activations x; returns self.
+
+        The input reaches every architecture only as ``x @ W_enc`` after an input-side bias
+        (b_dec, or none), and leaves through ``W_dec`` and ``b_dec``; so with s = scale:
+        W_enc <- s W_enc, W_dec <- W_dec / s, b_dec <- b_dec / s. The latents are unchanged;
+        decoder rows now have norm 1/s. Architectures with more input-side weights extend this.
+        """
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+        return self
 
     def on_step(self, step: int) -> None:
         """Called by the Trainer before each step (for coefficient warm-ups). Default: nothing."""
@@ -121,6 +183,40 @@ class BaseSAE(nn.Module):
     @torch.no_grad()
     def init_from_data_(self, x_BD: Tensor) -> None:
         """Data-dependent initialisation from the first training batch. Default: nothing."""
+
+    def saelens_config(self) -> dict:
+        """The cfg.json fields that say how the saved SAE computes, in SAELens' terms."""
+        return {**self.cfg.to_dict(), "architecture": self.cfg.saelens_architecture or self.cfg.architecture,
+                "apply_b_dec_to_input": True}
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        """The tensors a saved SAE holds, by SAELens key: its parameters, on the CPU."""
+        return {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
+
+    @torch.no_grad()
+    def load_saelens_tensors_(self, tensors: dict[str, Tensor]) -> None:
+        """Set the weights from tensors keyed as :meth:`saelens_tensors` gives them; a ValueError
+        names the missing, unexpected or misshapen keys."""
+        expected = self.saelens_tensors()
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise ValueError(f"the weights file does not match a {self.cfg.architecture} SAE: missing {missing}, "
+                             f"unexpected {extra}")
+        for name, ref in expected.items():
+            if tensors[name].shape != ref.shape:
+                raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, but cfg.json implies "
+                                 f"{tuple(ref.shape)}")
+        params = dict(self.named_parameters())
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        """Dense (B, F) latent activations."""
+        return self.encode_code(x_BD).dense()
+
+    def decode(self, latents_BF: Tensor) -> Tensor:
+        """Reconstruction from dense latents: latents @ W_dec + b_dec."""
+        return latents_BF @ self.W_dec + self.b_dec
 
     def check_input(self, x_BD: Tensor) -> None:
         if x_BD.ndim != 2 or x_BD.shape[1] != self.cfg.d_in:

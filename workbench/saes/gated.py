@@ -91,7 +91,7 @@ class GatedSAE(BaseSAE):
         self.check_input(x_BD)
         return Code(self._paths(x_BD)[1], None, self.cfg.d_sae)
 
-    def forward(self, x_BD: Tensor) -> SAEOutput:
+    def forward(self, x_BD: Tensor, *, dead_mask: Tensor | None = None) -> SAEOutput:
         self.check_input(x_BD)
         pi_gate_BF, f_BF = self._paths(x_BD)
         recon_BD = self.decode(f_BF)
@@ -106,7 +106,7 @@ class GatedSAE(BaseSAE):
             "l1": self.cfg.l1_coefficient * gate_act_BF.sum(-1).mean(),
             "aux": l2_loss(x_BD, aux_recon_BD, reduction),
         }
-        return SAEOutput(recon_BD, Code(f_BF, None, self.cfg.d_sae), losses)
+        return SAEOutput(recon_BD, Code(f_BF, None, self.cfg.d_sae), losses, {})
 
     def flops_per_token(self, training: bool = False) -> int:
         """Forward: shared encoder 2*d*M + decoder 2*d*M. A training step runs the decoder twice

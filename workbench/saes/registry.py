@@ -15,6 +15,25 @@ ARCHITECTURES: dict[str, tuple[type[SAEConfig], type[BaseSAE]]] = {
 }
 
 
+WORKBENCH_ARCHITECTURE_KEY = "workbench_architecture"
+"""cfg.json key naming our architecture where SAELens reads the folder as another (BatchTopK saved as
+SAELens' "jumprelu")."""
+
+
+def architecture_of(saved_cfg: dict) -> str | None:
+    """Our architecture name for a saved cfg.json (ours, or SAELens' name for it); None if unknown.
+
+    Where several of ours save under one SAELens name, the one whose own name it is wins, unless the
+    folder says which of ours wrote it."""
+    ours = saved_cfg.get(WORKBENCH_ARCHITECTURE_KEY)
+    if ours in ARCHITECTURES:
+        return ours
+    name = saved_cfg.get("architecture")
+    if name in ARCHITECTURES:
+        return name
+    return next((arch for arch, (cls, _) in ARCHITECTURES.items() if cls.saelens_architecture == name), None)
+
+
 def config_class(architecture: str) -> type[SAEConfig]:
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}")

@@ -40,6 +40,7 @@ class ReLUConfig(SAEConfig):
     """"mean": L2 averaged over the d dimensions (as the Gated paper); "sum": summed over them."""
 
     architecture = "relu"
+    saelens_architecture = "standard"
 
     def validate(self) -> None:
         super().validate()
@@ -81,7 +82,7 @@ class ReLUSAE(BaseSAE):
         self.check_input(x_BD)
         return Code(self._latents(x_BD), None, self.cfg.d_sae)
 
-    def forward(self, x_BD: Tensor) -> SAEOutput:
+    def forward(self, x_BD: Tensor, *, dead_mask: Tensor | None = None) -> SAEOutput:
         self.check_input(x_BD)
         z_BF = self._latents(x_BD)
         recon_BD = self.decode(z_BF)
@@ -89,7 +90,7 @@ class ReLUSAE(BaseSAE):
             "l2": l2_loss(x_BD, recon_BD, self.cfg.l2_reduction),
             "l1": self.cfg.l1_coefficient * self.l1_scale * z_BF.sum(-1).mean(),
         }
-        return SAEOutput(recon_BD, Code(z_BF, None, self.cfg.d_sae), losses)
+        return SAEOutput(recon_BD, Code(z_BF, None, self.cfg.d_sae), losses, {})
 
     def flops_per_token(self, training: bool = False) -> int:
         """Forward: dense encoder 2*d*M + dense decoder 2*d*M; a training step is 3x the forward

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import (BaseSAE, Code, SAEConfig, SAEOutput, check_k, geometric_median, init_tied_weights,
+from .base import (BaseSAE, Code, LatentGroups, SAEConfig, SAEOutput, check_k, geometric_median, init_tied_weights,
                    sparse_decode, sparse_encode, topk_lr)
 
 GATES = ("softmax", "heaviside")
@@ -129,7 +129,7 @@ class SwitchSAE(BaseSAE):
         vals_BK, idx_BK = self._expert_topk(x_BD, expert_B)
         return Code(vals_BK * self._gate(probs_BE, expert_B)[:, None], idx_BK, self.cfg.d_sae)
 
-    def forward(self, x_BD: Tensor) -> SAEOutput:
+    def forward(self, x_BD: Tensor, *, dead_mask: Tensor | None = None) -> SAEOutput:
         self.check_input(x_BD)
         probs_BE, expert_B = self.route(x_BD)
         vals_BK, idx_BK = self._expert_topk(x_BD, expert_B)
@@ -140,8 +140,33 @@ class SwitchSAE(BaseSAE):
         losses = {"mse": (x_BD - recon_BD).pow(2).mean()}
         if self.cfg.lb_alpha > 0:
             losses["load_balance"] = self.cfg.lb_alpha * load_balance_loss(probs_BE, expert_B)
-        return SAEOutput(recon_BD, Code(acts_BK, idx_BK, self.cfg.d_sae), losses,
-                         {"expert_B": expert_B, "router_probs_BE": probs_BE})
+        probs_BE = probs_BE.detach()
+        metrics = {"expert_tokens": torch.bincount(expert_B, minlength=self.cfg.n_experts),
+                   "router_prob": probs_BE.sum(0),
+                   "router_entropy": torch.special.entr(probs_BE).sum()}
+        return SAEOutput(recon_BD, Code(acts_BK, idx_BK, self.cfg.d_sae), losses, metrics)
+
+    def summarize_metrics(self, totals: dict[str, Tensor], n_tokens: int) -> dict[str, float | list[float]]:
+        """``expert_load`` f_i (the fraction of tokens routed to each expert), ``load_balance``
+        E * sum_i f_i P_i without its alpha (1 when routing is uniform, up to E when one expert takes
+        every token with probability 1) and ``router_entropy``, the mean over tokens of
+        -sum_i p_i ln p_i in nats (ln E for a router uniform on every token, 0 for a certain one)."""
+        f_E = totals["expert_tokens"].double() / n_tokens
+        p_E = totals["router_prob"].double() / n_tokens
+        return {"expert_load": f_E.tolist(), "load_balance": (self.cfg.n_experts * (f_E * p_E).sum()).item(),
+                "router_entropy": totals["router_entropy"].item() / n_tokens}
+
+    def latent_groups(self) -> LatentGroups:
+        """Latent f belongs to expert f // (d_sae / n_experts)."""
+        return LatentGroups("expert", torch.arange(self.cfg.d_sae) // self.cfg.expert_width)
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> SwitchSAE:
+        """As every SAE, plus the router, which reads (x - b_router) @ W_router."""
+        super().fold_input_scale_(scale)
+        self.W_router.mul_(scale)
+        self.b_router.div_(scale)
+        return self
 
     def flops_per_token(self, training: bool = False) -> int:
         """Forward: router 2*d*E + one expert's encoder 2*d*M/E + sparse decoder 2*k*d. A training

@@ -1,14 +1,16 @@
 """TopK SAE (Gao et al. 2024): z = ReLU(TopK(W_enc^T (x - b_pre) [+ b_enc])), x_hat = W_dec^T z + b_pre.
 
 Training loss: normalised MSE (FVU over the batch) + 1/32 * AuxK, where AuxK reconstructs the
-residual from the top-k_aux pre-activations of dead latents (no fire in ``dead_tokens`` tokens),
-decoded without b_pre and normalised by the residual's variance, as in the OpenAI reference code.
+residual from the top-k_aux pre-activations of dead latents (the trainer's ``dead_mask``: no fire in
+``TrainConfig.dead_window_tokens`` tokens), decoded without b_pre and normalised by the residual's
+variance, as in the OpenAI reference code.
 
 Only the k active latents of a token (and its k_aux dead ones) get encoder and decoder gradient:
 the encoder backward is an index_add over those rows and the decoder is an embedding_bag.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +31,10 @@ class TopKConfig(SAEConfig):
     k: int = 32
     """Active latents per token (the L0)."""
     k_aux: int | None = None
-    """Dead latents used by AuxK per token; None means d_in // 2 (Gao et al. App. B.1)."""
+    """Dead latents used by AuxK per token; None means d_in // 2 (Gao et al. App. B.1). A latent is
+    dead when it has not fired for ``train.dead_window_tokens`` tokens (10M by default)."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss; 0 turns it off."""
-    dead_tokens: int = 10_000_000
-    """A latent that has not fired for this many training tokens is dead."""
     latent_bias: bool = False
     """Learn a per-latent bias b_enc before the TopK (the OpenAI reference code's variant)."""
 
@@ -42,10 +43,10 @@ class TopKConfig(SAEConfig):
     def validate(self) -> None:
         super().validate()
         check_k(self.k, self.d_sae, "number of latents d_sae")
-        if self.k_aux is not None and self.k_aux <= 0:
-            raise ValueError(f"k_aux={self.k_aux} must be a positive integer or None")
-        if self.dead_tokens <= 0:
-            raise ValueError(f"dead_tokens={self.dead_tokens} must be positive")
+        if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux <= 0):
+            raise ValueError(f"k_aux={self.k_aux!r} must be a positive integer or None")
+        if not isinstance(self.auxk_coef, (int, float)) or self.auxk_coef < 0:
+            raise ValueError(f"auxk_coef={self.auxk_coef!r} must be a number >= 0 (0 turns AuxK off)")
 
     @property
     def k_aux_eff(self) -> int:
@@ -65,95 +66,75 @@ class TopKSAE(BaseSAE):
         self.W_dec = nn.Parameter(W_dec_FD)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae), requires_grad=cfg.latent_bias)
-        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
 
     @torch.no_grad()
     def init_from_data_(self, x_BD: Tensor) -> None:
         self.b_dec.copy_(geometric_median(x_BD))
 
-    def _pre_acts(self, x_BD: Tensor) -> Tensor:
-        pre_BF = (x_BD - self.b_dec) @ self.W_enc
-        if self.cfg.latent_bias:
-            pre_BF += self.b_enc
-        return pre_BF
+    def _pre_act_chunks(self, x_BD: Tensor) -> Iterator[tuple[slice, Tensor]]:
+        """(rows, their pre-activations W_enc^T (x - b_pre) [+ b_enc]) chunk by chunk, without
+        gradient. On the CPU a chunk holds about ``_CHUNK_ELEMENTS`` pre-activations, so each is
+        selected from while it is still in cache and the (B, F) pre-activations never exist at once
+        (a fresh allocation that size costs as much in page faults as the topk itself)."""
+        n_rows = x_BD.shape[0]
+        chunk = max(1, _CHUNK_ELEMENTS // self.cfg.d_sae) if x_BD.device.type == "cpu" else n_rows
+        xc_BD = x_BD - self.b_dec
+        for start in range(0, n_rows, chunk):
+            pre_CF = xc_BD[start:start + chunk] @ self.W_enc
+            if self.cfg.latent_bias:
+                pre_CF += self.b_enc
+            yield slice(start, start + chunk), pre_CF
 
     @torch.no_grad()
     def encode_code(self, x_BD: Tensor) -> Code:
         self.check_input(x_BD)
-        vals_BK, idx_BK = self._pre_acts(x_BD).topk(self.cfg.k, dim=-1, sorted=False)
+        vals_BK, idx_BK = self._select(x_BD)
         return Code(vals_BK.relu(), idx_BK, self.cfg.d_sae)
 
-    def dead_mask(self) -> Tensor:
-        """(F,) bool: latents that have not fired in the last ``dead_tokens`` training tokens."""
-        return self.tokens_since_fired >= self.cfg.dead_tokens
-
     @torch.no_grad()
-    def _select(self, x_BD: Tensor, dead_F: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Top-k pre-activations (values, latent ids) of each token and, when ``dead_F`` is given, the
-        top-k_aux among the dead latents. On the CPU the rows go through the encoder matmul in chunks
-        of about ``_CHUNK_ELEMENTS`` pre-activations, each selected while it is still in cache, so
-        the (B, F) pre-activations never exist at once (a fresh allocation that size costs as much
-        in page faults as the topk itself)."""
-        n_rows, k = x_BD.shape[0], self.cfg.k
-        chunk = max(1, _CHUNK_ELEMENTS // self.cfg.d_sae) if x_BD.device.type == "cpu" else n_rows
-        xc_BD = x_BD - self.b_dec
-        vals_BK = x_BD.new_empty(n_rows, k)
-        idx_BK = torch.empty(n_rows, k, dtype=torch.long, device=x_BD.device)
-        aux_vals_BK = aux_idx_BK = None
-        if dead_F is not None:
-            k_aux = min(self.cfg.k_aux_eff, int(dead_F.sum()))
-            aux_vals_BK = x_BD.new_empty(n_rows, k_aux)
-            aux_idx_BK = torch.empty(n_rows, k_aux, dtype=torch.long, device=x_BD.device)
-            alive_F = ~dead_F
-        for start in range(0, n_rows, chunk):
-            rows = slice(start, start + chunk)
-            pre_CF = xc_BD[rows] @ self.W_enc
-            if self.cfg.latent_bias:
-                pre_CF += self.b_enc
+    def _select(self, x_BD: Tensor, aux: DeadTopK | None = None) -> tuple[Tensor, Tensor]:
+        """Top-k pre-activations (values, latent ids) of each token; ``aux`` picks the dead
+        latents' top-k_aux from the same chunks."""
+        k = self.cfg.k
+        vals_BK = x_BD.new_empty(x_BD.shape[0], k)
+        idx_BK = torch.empty(x_BD.shape[0], k, dtype=torch.long, device=x_BD.device)
+        for rows, pre_CF in self._pre_act_chunks(x_BD):
             torch.topk(pre_CF, k, dim=-1, sorted=False, out=(vals_BK[rows], idx_BK[rows]))
-            if dead_F is not None:
-                torch.topk(pre_CF.masked_fill_(alive_F, float("-inf")), k_aux, dim=-1, sorted=False,
-                           out=(aux_vals_BK[rows], aux_idx_BK[rows]))
-        return vals_BK, idx_BK, aux_vals_BK, aux_idx_BK
+            if aux is not None:
+                aux.add(rows, pre_CF)
+        return vals_BK, idx_BK
 
-    def forward(self, x_BD: Tensor) -> SAEOutput:
+    def _auxk(self, x_BD: Tensor, dead_mask: Tensor | None) -> DeadTopK | None:
+        """The AuxK selection for this batch: only in training, with AuxK on and dead latents."""
+        if not (self.training and self.cfg.auxk_coef > 0 and dead_mask is not None and dead_mask.any()):
+            return None
+        return DeadTopK(x_BD, dead_mask, self.cfg.k_aux_eff)
+
+    def forward(self, x_BD: Tensor, *, dead_mask: Tensor | None = None) -> SAEOutput:
         self.check_input(x_BD)
+        aux = self._auxk(x_BD, dead_mask)
+        vals_BK, idx_BK = self._select(x_BD, aux)
+        return self._sparse_output(x_BD, vals_BK, idx_BK, aux)
+
+    def _sparse_output(self, x_BD: Tensor, vals_BK: Tensor, idx_BK: Tensor, aux: DeadTopK | None) -> SAEOutput:
+        """Reconstruction and losses (FVU, AuxK in training) from the selected pre-activations."""
         b_enc = self.b_enc if self.cfg.latent_bias else None
-        dead_F = None
-        if self.training and self.cfg.auxk_coef > 0:
-            dead_F = self.dead_mask()
-            if not dead_F.any():
-                dead_F = None
-        vals_BK, idx_BK, aux_vals_BK, aux_idx_BK = self._select(x_BD, dead_F)
         acts_BK = sparse_encode(x_BD, self.b_dec, self.W_enc, b_enc, vals_BK.relu(), idx_BK)
         recon_BD = sparse_decode(acts_BK, idx_BK, self.W_dec) + self.b_dec
 
         err_BD = x_BD - recon_BD
-        total_var = (x_BD - x_BD.mean(0)).pow(2).sum(-1).mean()
-        losses = {"fvu": err_BD.pow(2).sum(-1).mean() / total_var.clamp_min(1e-12)}
-        code = Code(acts_BK, idx_BK, self.cfg.d_sae)
-        if self.training:
-            if self.cfg.auxk_coef > 0:
-                if dead_F is None:
-                    losses["auxk"] = x_BD.new_zeros(())
-                else:
-                    losses["auxk"] = self._auxk_loss(x_BD, aux_vals_BK, aux_idx_BK, err_BD.detach(), b_enc)
-            self._update_fire_stats(code, x_BD.shape[0])
-        return SAEOutput(recon_BD, code, losses)
+        losses = {"fvu": err_BD.pow(2).sum(-1).mean() / total_variance(x_BD)}
+        if self.training and self.cfg.auxk_coef > 0:
+            losses["auxk"] = x_BD.new_zeros(()) if aux is None else self._auxk_loss(x_BD, aux, err_BD.detach(), b_enc)
+        return SAEOutput(recon_BD, Code(acts_BK, idx_BK, self.cfg.d_sae), losses, {})
 
-    def _auxk_loss(self, x_BD: Tensor, aux_vals_BK: Tensor, aux_idx_BK: Tensor, err_BD: Tensor,
-                   b_enc: Tensor | None) -> Tensor:
-        """AuxK from the top-k_aux dead-latent pre-activations picked by :meth:`_select`."""
-        aux_acts_BK = sparse_encode(x_BD, self.b_dec, self.W_enc, b_enc, aux_vals_BK.relu(), aux_idx_BK)
-        aux_recon_BD = sparse_decode(aux_acts_BK, aux_idx_BK, self.W_dec)
-        err_var = (err_BD - err_BD.mean(0)).pow(2).sum(-1).mean()
-        aux = (err_BD - aux_recon_BD).pow(2).sum(-1).mean() / err_var.clamp_min(1e-12)
-        return self.cfg.auxk_coef * torch.nan_to_num(aux, nan=0.0, posinf=0.0)
-
-    @torch.no_grad()
-    def _update_fire_stats(self, code: Code, n_tokens: int) -> None:
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[code.fire_counts() > 0] = 0
+    def _auxk_loss(self, x_BD: Tensor, aux: DeadTopK, err_BD: Tensor, b_enc: Tensor | None) -> Tensor:
+        """AuxK: reconstruct the residual from the dead latents' top-k_aux pre-activations, decoded
+        without b_pre, normalised by the residual's variance."""
+        aux_acts_BK = sparse_encode(x_BD, self.b_dec, self.W_enc, b_enc, aux.vals_BK.relu(), aux.idx_BK)
+        aux_recon_BD = sparse_decode(aux_acts_BK, aux.idx_BK, self.W_dec)
+        aux_loss = (err_BD - aux_recon_BD).pow(2).sum(-1).mean() / total_variance(err_BD)
+        return self.cfg.auxk_coef * torch.nan_to_num(aux_loss, nan=0.0, posinf=0.0)
 
     def flops_per_token(self, training: bool = False) -> int:
         """Forward: dense encoder 2*d*M + sparse decoder 2*k*d. A training step adds the sparse
@@ -161,3 +142,23 @@ class TopKSAE(BaseSAE):
         d, m, k = self.cfg.d_in, self.cfg.d_sae, self.cfg.k
         forward = 2 * d * m + 2 * k * d
         return forward + 3 * 2 * k * d if training else forward
+
+
+class DeadTopK:
+    """The top-k_aux pre-activations among the dead latents of each token, filled in chunk by chunk
+    from the same pre-activations as the main selection (after it: the chunk is overwritten)."""
+
+    def __init__(self, x_BD: Tensor, dead_F: Tensor, k_aux: int):
+        self.k_aux = min(k_aux, int(dead_F.sum()))
+        self.alive_F = ~dead_F
+        self.vals_BK = x_BD.new_empty(x_BD.shape[0], self.k_aux)
+        self.idx_BK = torch.empty(x_BD.shape[0], self.k_aux, dtype=torch.long, device=x_BD.device)
+
+    def add(self, rows: slice, pre_CF: Tensor) -> None:
+        torch.topk(pre_CF.masked_fill_(self.alive_F, float("-inf")), self.k_aux, dim=-1, sorted=False,
+                   out=(self.vals_BK[rows], self.idx_BK[rows]))
+
+
+def total_variance(x_BD: Tensor) -> Tensor:
+    """E_b ||x_b - mean_b x||^2, the denominator of the FVU (clamped away from 0)."""
+    return (x_BD - x_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)

@@ -1,6 +1,6 @@
 """Train one SAE, or several side by side, on one stream of activation batches.
 
-    trainer = Trainer({"k16": topk16, "k32": topk32}, TrainConfig(total_steps=10_000), run_dir="runs/a")
+    trainer = Trainer({"k16": sae_k16, "k32": sae_k32}, TrainConfig(total_steps=10_000), run_dir="runs/a")
     history = trainer.fit(stream)         # stream: any iterable of (batch, d_in) float tensors
 
     trainer = Trainer.resume("runs/a")    # after a crash or a stream that ran out
@@ -28,12 +28,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..saes.base import BaseSAE, Code, SAEOutput, UnitNormDecoder
-from ..saes.switch import load_balance_loss
+from ..eval.metrics import FiringStats
+from ..saes.base import BaseSAE, SAEOutput, UnitNormDecoder
 from . import checkpoint
 from .schedule import make_scheduler
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 _NAME_RE = re.compile(r"[A-Za-z0-9_=+-][A-Za-z0-9_.=+-]*")
 
 
@@ -48,8 +48,8 @@ class TrainConfig:
     total_steps: int
     """Number of optimiser steps; each step reads one batch from the stream."""
     lr: float | None = None
-    """Peak learning rate for every SAE; None uses each SAE's ``cfg.default_lr()`` (TopK and Switch:
-    2e-4 / sqrt(d_sae / 2^14), Gated: 3e-4, ReLU: 5e-5)."""
+    """Peak learning rate for every SAE; None uses each SAE's ``default_lr()``, the rate of its paper
+    (e.g. 2e-4 / sqrt(d_sae / 2^14) for the k-sparse architectures)."""
     warmup_steps: int = 100
     """Steps of linear lr warm-up from 0; cut short where it would run into the final decay."""
     decay_fraction: float = 0.2
@@ -63,8 +63,10 @@ class TrainConfig:
     checkpoint_every: int | None = None
     """Checkpoint every this many steps (needs a run_dir); one is always written at the end."""
     dead_window_tokens: int = 10_000_000
-    """The history's ``dead_fraction`` counts latents that have not fired in this many tokens (or,
-    until that many have been seen, in any so far), as ``workbench.eval.metrics.FiringStats`` does."""
+    """A latent that has not fired for this many training tokens is dead: the SAEs' dead-latent
+    losses (AuxK) work on those. The history's ``dead_fraction`` counts them too (until that many
+    tokens have been seen, the latents that have not fired at all), as
+    ``workbench.eval.metrics.FiringStats`` does."""
     seed: int = 0
     """Seed for torch, python ``random`` and numpy when training starts, for whatever draws from
     them (e.g. the stream); each SAE's initial weights come from its own ``cfg.seed``."""
@@ -133,14 +135,15 @@ class Trainer:
         self.device = _shared("device", {name: sae.W_dec.device for name, sae in self.saes.items()})
         self.dtype = _shared("dtype", {name: sae.W_dec.dtype for name, sae in self.saes.items()})
 
-        self.optimizers = {name: _adam(sae, sae.cfg.default_lr() if cfg.lr is None else cfg.lr, cfg.betas)
+        self.optimizers = {name: _adam(sae, sae.default_lr() if cfg.lr is None else cfg.lr, cfg.betas)
                            for name, sae in self.saes.items()}
         self.schedulers = {name: make_scheduler(opt, cfg.total_steps, cfg.warmup_steps, cfg.decay_fraction)
                            for name, opt in self.optimizers.items()}
         self._decoders = {name: UnitNormDecoder([sae.W_dec]) for name, sae in self.saes.items()}
-        # Tokens since each latent last fired, for the history's dead_fraction.
-        self._since_fired = {name: torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
-                             for name, sae in self.saes.items()}
+        # The one firing counter of each SAE: its dead mask goes into forward, its dead fraction
+        # into the history.
+        self.firing = {name: FiringStats(sae.cfg.d_sae, cfg.dead_window_tokens, self.device)
+                       for name, sae in self.saes.items()}
         self.step = 0
         self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []
@@ -164,9 +167,9 @@ class Trainer:
 
         History rows (one per SAE every ``log_every`` steps and at the last step): ``step`` (steps
         done), ``sae``, ``tokens``, ``lr`` (used in that step), ``loss`` and ``loss/<term>`` for
-        each term the SAE returns, ``mse``, ``l0`` and ``dead_fraction``; Switch rows add
-        ``expert_load`` (fraction of the batch per expert) and ``load_balance`` (E sum_i f_i P_i,
-        before its weight). Values are Python numbers and lists, ready for a DataFrame.
+        each term the SAE returns, ``mse``, ``l0``, ``dead_fraction``, and the metrics the SAE
+        reports about the step's batch (``summarize_metrics``). Values are Python numbers and
+        lists, ready for a DataFrame.
         """
         batches = self._open_stream(stream)
         for sae in self.saes.values():
@@ -182,9 +185,7 @@ class Trainer:
                 if self.step == 0:
                     for sae in self.saes.values():
                         sae.init_from_data_(x_BD)
-                stats = {name: self._train_step(name, x_BD) for name in self.saes}
-                self.step += 1
-                self.tokens_seen += x_BD.shape[0]
+                stats = self.train_step(x_BD)
                 bar.update()
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
                     self._log(stats, bar)
@@ -210,10 +211,18 @@ class Trainer:
             sae.eval()
         return self.history
 
-    def _train_step(self, name: str, x_BD: Tensor) -> dict[str, Tensor | float]:
-        sae, optimizer = self.saes[name], self.optimizers[name]
+    def train_step(self, x_BD: Tensor) -> dict[str, dict[str, Any]]:
+        """One optimiser step of every SAE on the batch ``x_BD`` (on the SAEs' device and dtype);
+        returns each SAE's step statistics (device tensors, turned into a row only when logged)."""
+        stats = {name: self._train_step(name, x_BD) for name in self.saes}
+        self.step += 1
+        self.tokens_seen += x_BD.shape[0]
+        return stats
+
+    def _train_step(self, name: str, x_BD: Tensor) -> dict[str, Any]:
+        sae, optimizer, firing = self.saes[name], self.optimizers[name], self.firing[name]
         sae.on_step(self.step)
-        out = sae(x_BD)
+        out = sae(x_BD, dead_mask=firing.silent_for(self.cfg.dead_window_tokens))
         loss = sum(out.losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -224,14 +233,8 @@ class Trainer:
         self._decoders[name].renormalise()
         lr = optimizer.param_groups[0]["lr"]
         self.schedulers[name].step()
-        self._track_fires(name, out.code, x_BD.shape[0])
+        firing.update(out.code)
         return _step_stats(out, loss, x_BD, lr)
-
-    @torch.no_grad()
-    def _track_fires(self, name: str, code: Code, n_tokens: int) -> None:
-        since_F = self._since_fired[name]
-        since_F += n_tokens
-        since_F.masked_fill_(code.fire_counts() > 0, 0)  # a mask fill, not indexing: no device sync
 
     # ---------------------------------------------------------------------------------------------
     # The stream
@@ -283,15 +286,16 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     # Logging and checkpoints
 
-    def _log(self, stats: dict[str, dict[str, Tensor | float]], bar: tqdm | None) -> None:
+    def _log(self, stats: dict[str, dict[str, Any]], bar: tqdm | None) -> None:
         """Turn the step's stats into one history row per SAE and hand each to the callbacks."""
         losses = {}
         for name, sae_stats in stats.items():
             row: dict[str, Any] = {"step": self.step, "sae": name, "tokens": self.tokens_seen}
             for key, value in sae_stats.items():
-                row[key] = value.tolist() if isinstance(value, Tensor) else value
-            window = min(self.cfg.dead_window_tokens, self.tokens_seen)
-            row["dead_fraction"] = (self._since_fired[name] >= window).float().mean().item()
+                if key != "metrics":
+                    row[key] = value.tolist() if isinstance(value, Tensor) else value
+            row["dead_fraction"] = self.firing[name].dead_fraction()
+            row.update(self.saes[name].summarize_metrics(*sae_stats["metrics"]))
             self.history.append(row)
             losses[name] = f"{row['loss']:.3g}"
             for fn in self._callbacks:
@@ -322,7 +326,7 @@ class Trainer:
             "saes": {name: {"module": sae.state_dict(),
                             "optimizer": self.optimizers[name].state_dict(),
                             "scheduler": self.schedulers[name].state_dict(),
-                            "since_fired": self._since_fired[name]}
+                            "firing": self.firing[name].state_dict()}
                      for name, sae in self.saes.items()},
             "history": list(self.history),
             "rng": checkpoint.rng_state(),
@@ -342,7 +346,7 @@ class Trainer:
             sae.load_state_dict(sae_state["module"])
             self.optimizers[name].load_state_dict(sae_state["optimizer"])
             self.schedulers[name].load_state_dict(sae_state["scheduler"])
-            self._since_fired[name].copy_(sae_state["since_fired"])
+            self.firing[name].load_state_dict(sae_state["firing"])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.history = list(state["history"])
@@ -372,19 +376,14 @@ class Trainer:
 
 
 @torch.no_grad()
-def _step_stats(out: SAEOutput, loss: Tensor, x_BD: Tensor, lr: float) -> dict[str, Tensor | float]:
+def _step_stats(out: SAEOutput, loss: Tensor, x_BD: Tensor, lr: float) -> dict[str, Any]:
     """The numbers a history row reports, kept as device tensors so steps that are not logged cost
-    no device sync."""
-    stats: dict[str, Tensor | float] = {"lr": lr, "loss": loss.detach()}
+    no device sync; ``metrics`` holds the SAE's metric totals and the batch's token count."""
+    stats: dict[str, Any] = {"lr": lr, "loss": loss.detach()}
     stats.update({f"loss/{term}": value.detach() for term, value in out.losses.items()})
     stats["mse"] = (out.recon_BD.detach() - x_BD).pow(2).mean()
     stats["l0"] = out.code.l0().float().mean()
-    if out.info is not None and "expert_B" in out.info:
-        expert_B, probs_BE = out.info["expert_B"], out.info["router_probs_BE"].detach()
-        counts_E = torch.bincount(expert_B, minlength=probs_BE.shape[1])
-        stats["expert_load"] = counts_E.float() / expert_B.shape[0]
-        # Unweighted E * sum_i f_i P_i (1 when balanced); the weighted term is loss/load_balance.
-        stats["load_balance"] = load_balance_loss(probs_BE, expert_B)
+    stats["metrics"] = ({name: value.detach() for name, value in out.metrics.items()}, x_BD.shape[0])
     return stats
 
 

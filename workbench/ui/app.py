@@ -28,7 +28,7 @@ from ..data.embedded import load_model
 from ..data.sites import resolve_site
 from ..eval.features import INFO_FILE, FeatureIndex
 from ..eval.prompt import PromptRunner
-from ..eval.router import RouterAnalysis
+from ..eval.router import RouterAnalysis, routes_tokens
 from ..run import features_dir, index_run, read_run, run_sae_names
 from .browser import FeatureBrowser
 from .router import RouterInspector
@@ -109,7 +109,7 @@ class RunBrowser(pn.viewable.Viewer):
         runner = PromptRunner(model, tokenizer, resolve_site(model, metadata["site"]), sae)
         index_folder = features_dir(self.run_dir, name)
         browser = FeatureBrowser(FeatureIndex.load(index_folder), runner)
-        if sae.cfg.architecture != "switch":
+        if not routes_tokens(sae):
             return browser, pn.pane.HTML(
                 f'<div class="wb-message">the router view needs a Switch SAE; this is a '
                 f'{sae.cfg.architecture} SAE</div>', sizing_mode="stretch_width")

@@ -45,7 +45,7 @@ _HEADER_FILTERS = {  # the table's filter boxes under each column title
     "frequency": {"type": "number", "func": ">=", "placeholder": "at least"},
     "mean_act": {"type": "number", "func": ">=", "placeholder": "at least"},
     "max_act": {"type": "number", "func": ">=", "placeholder": "at least"},
-    "expert": {"type": "number", "func": "=", "placeholder": "expert"},
+    **{kind: {"type": "number", "func": "=", "placeholder": kind} for kind in ("expert", "level")},
     "top_tokens": {"type": "input", "func": "like", "placeholder": "search tokens"},
 }
 
@@ -54,8 +54,9 @@ class FeatureBrowser(pn.viewable.Viewer):
     """Browse the features of one SAE from its :class:`~workbench.eval.features.FeatureIndex`."""
 
     feature = param.Integer(default=0, doc="The feature shown.")
-    expert_filter = param.Integer(default=None, allow_None=True, doc="""
-        List only this Switch expert's features in the table (None: all features).""")
+    group_filter = param.Integer(default=None, allow_None=True, doc="""
+        List only the features of this latent group in the table: a Switch SAE's expert, a
+        Matryoshka SAE's prefix level (None: all features).""")
 
     def __init__(self, index: FeatureIndex, prompt_runner: PromptRunner | None = None, **params: Any):
         if prompt_runner is not None and prompt_runner.sae.cfg.d_sae != index.d_sae:
@@ -72,8 +73,8 @@ class FeatureBrowser(pn.viewable.Viewer):
             show_index=False, sizing_mode="stretch_width", header_filters=_HEADER_FILTERS,
             formatters={"frequency": NumberFormatter(format="0.000%"),
                         "mean_act": NumberFormatter(format="0.000"), "max_act": NumberFormatter(format="0.000")})
-        if index.expert is not None:
-            self.table.add_filter(self.param.expert_filter, "expert")
+        if index.groups is not None:
+            self.table.add_filter(self.param.group_filter, index.groups.kind)
         self.table.param.watch(self._on_table_selection, "selection")
         self.feature_input = pn.widgets.IntInput(label="Feature id", value=self.feature, width=140)
         self.feature_input.param.watch(lambda event: self.select(event.new), "value")
@@ -160,17 +161,17 @@ class FeatureBrowser(pn.viewable.Viewer):
         if self.prompt_result is not None:
             self._show_prompt()
 
-    @param.depends("expert_filter", watch=True)
-    def _check_expert_filter(self) -> None:
-        e, expert_F = self.expert_filter, self.index.expert
-        if e is None:
+    @param.depends("group_filter", watch=True)
+    def _check_group_filter(self) -> None:
+        g, groups = self.group_filter, self.index.groups
+        if g is None:
             self.message.visible = False
-        elif expert_F is None:
-            self.show_message(f"expert_filter={e}, but this is a {self.index.info['architecture']} SAE, "
-                              f"which has no experts")
-        elif not 0 <= e <= int(expert_F.max()):
-            n_experts = int(expert_F.max()) + 1
-            self.show_message(f"expert {e} is out of range: this SAE has {n_experts} experts (0-{n_experts - 1})")
+        elif groups is None:
+            self.show_message(f"group_filter={g}, but this is a {self.index.info['architecture']} SAE, "
+                              f"whose latents form no groups (experts or prefix levels)")
+        elif not 0 <= g < groups.n_groups:
+            n = groups.n_groups
+            self.show_message(f"{groups.kind} {g} is out of range: this SAE has {n} {groups.kind}s (0-{n - 1})")
         else:
             self.message.visible = False
 
@@ -184,12 +185,13 @@ class FeatureBrowser(pn.viewable.Viewer):
 
 
 def feature_table(index: FeatureIndex) -> pd.DataFrame:
-    """One row per feature: id, firing frequency, mean and max activation, Switch expert (if any)
-    and the tokens it fires on most (searchable)."""
+    """One row per feature: id, firing frequency, mean and max activation, its group (a Switch
+    SAE's ``expert``, a Matryoshka SAE's prefix ``level``) if it has one, and the tokens it fires on
+    most (searchable)."""
     columns = {"feature": torch.arange(index.d_sae).numpy(), "frequency": index.frequency.numpy(),
                "mean_act": index.mean_act.numpy(), "max_act": index.max_act.numpy()}
-    if index.expert is not None:
-        columns["expert"] = index.expert.numpy()
+    if index.groups is not None:
+        columns[index.groups.kind] = index.groups.group_F.numpy()
     columns["top_tokens"] = [" ".join(tokens) for tokens in index.top_tokens()]
     return pd.DataFrame(columns)
 
@@ -220,8 +222,8 @@ def _example_div(example: Example, max_act: float, cls: str, attrs: str) -> str:
 def summary_html(index: FeatureIndex, f: int) -> str:
     parts = [f"fires on {float(index.frequency[f]):.3%} of {index.n_tokens:,} tokens",
              f"mean {float(index.mean_act[f]):.3g}", f"max {float(index.max_act[f]):.3g}"]
-    if index.expert is not None:
-        parts.append(f"expert {int(index.expert[f])}")
+    if index.groups is not None:
+        parts.append(f"{index.groups.kind} {int(index.groups.group_F[f])}")
     return f'<div class="wb-summary" data-feature="{f}"><h3>Feature {f}</h3>{" · ".join(parts)}</div>'
 
 

@@ -8,7 +8,7 @@ Type a prompt and each token is shown on its expert's colour, with the router's 
 hover. Below it, from the held-out analysis (:func:`~workbench.eval.router.analyze_router`): expert
 load against the uniform 1/E, the per-token router-entropy histogram, each expert's most frequent
 tokens and dead latents, the inter-expert decoder similarity heatmap and the duplicate features.
-Choosing an expert (the selector, or clicking its bar) sets ``browser.expert_filter``, so the feature
+Choosing an expert (the selector, or clicking its bar) sets ``browser.group_filter``, so the feature
 browser then lists that expert's features only.
 
 DOM hooks the browser test relies on: each prompt token is
@@ -54,12 +54,12 @@ class RouterInspector(pn.viewable.Viewer):
     ``analysis`` may be None (no analysis was built yet: only the prompt view is shown, with a note
     on how to build it); ``prompt_runner`` is a :class:`~workbench.eval.prompt.PromptRunner` over the
     Switch SAE, None when no model is loaded; ``browser`` is a feature browser whose
-    ``expert_filter`` follows the chosen expert.
+    ``group_filter`` follows the chosen expert.
     """
 
     expert = param.Integer(default=None, allow_None=True, bounds=(0, None), doc="""
         The expert being inspected, None for all. Its bar, table row and prompt tokens are
-        highlighted, and the browser's ``expert_filter`` is set to it.""")
+        highlighted, and the browser's ``group_filter`` is set to it.""")
 
     def __init__(self, analysis: RouterAnalysis | None, prompt_runner: Any = None, browser: Any = None,
                  **params: Any):
@@ -84,8 +84,8 @@ class RouterInspector(pn.viewable.Viewer):
             sections = [self._header(analysis), *sections, *self._analysis_views(analysis)]
         self._layout = pn.Column(*sections, sizing_mode="stretch_width")
         self.param.watch(self._on_expert, "expert")
-        if isinstance(browser, param.Parameterized) and "expert_filter" in browser.param:
-            browser.param.watch(lambda event: setattr(self, "expert", event.new), "expert_filter")
+        if isinstance(browser, param.Parameterized) and "group_filter" in browser.param:
+            browser.param.watch(lambda event: setattr(self, "expert", event.new), "group_filter")
 
     def __panel__(self) -> pn.viewable.Viewable:
         return self._layout
@@ -251,7 +251,7 @@ class RouterInspector(pn.viewable.Viewer):
     def _on_expert(self, event: param.parameterized.Event) -> None:
         e = event.new
         if self.browser is not None:
-            self.browser.expert_filter = e
+            self.browser.group_filter = e
         if self.analysis is not None:
             self.expert_select.value = self._expert_labels[0 if e is None else e + 1]
             self.load_source.selected.indices = [] if e is None else [e]
