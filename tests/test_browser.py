@@ -213,6 +213,20 @@ def test_group_filter_lists_only_that_experts_features(switch_index):
     assert "expert 7 is out of range: this SAE has 4 experts (0-3)" in browser.message.object
 
 
+def test_group_filter_lists_one_matryoshka_level(store, minilm):
+    sae = build_sae(make_config("matryoshka_batchtopk", d_in=D, d_sae=F, k=8, seed=0))
+    sae.threshold.fill_(0.5)
+    browser = FeatureBrowser(build_feature_index(sae, store, minilm[1], progress=False))
+    assert "level" in browser.table.value.columns
+    browser.group_filter = 1  # the second prefix: latents F/16 to F/8 - 1
+    view = browser.table.current_view
+    assert view["feature"].tolist() == list(range(F // 16, F // 8)) and set(view["level"]) == {1}
+    browser.select(F // 16)
+    assert "level 1" in browser.summary.object
+    browser.group_filter = 5
+    assert "level 5 is out of range: this SAE has 5 levels (0-4)" in browser.message.object
+
+
 def test_group_filter_on_an_sae_without_groups_is_a_message(index):
     browser = FeatureBrowser(index)
     browser.group_filter = 1

@@ -40,6 +40,39 @@ def test_train_writes_sae_folders_metrics_and_table(tmp_path, capsys):
     assert (run_dir / "checkpoints" / "step_00000020").is_dir()
 
 
+MODERN = """\
+run_dir: {run_dir}
+train: {{total_steps: 30, lr: 3e-3, progress_bar: false, dead_window_tokens: 1024}}
+data: {{source: synthetic, batch_size: 128, eval_tokens: 512, synthetic: {{d: 16, n_features: 48, mean_active: 3}}}}
+saes:
+  btk:   {{architecture: batchtopk, d_sae: 64, k: 3}}
+  jump:  {{architecture: jumprelu, d_sae: 64, l0_coefficient: 0.01, l0_warmup_steps: 10, init_threshold: 0.1}}
+  matry: {{architecture: matryoshka_batchtopk, d_sae: 64, k: 3, matryoshka_widths: [8, 16, 64]}}
+"""
+
+
+def test_train_the_modern_architectures_from_yaml(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", str(_write(tmp_path, MODERN.format(run_dir=run_dir)))]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["btk"]["l0"] == pytest.approx(3, rel=0.5) and metrics["btk"]["threshold"] > 0
+    assert len(metrics["matry"]["prefix_mse"]) == 3
+    assert metrics["matry"]["prefix_mse"][0] > metrics["matry"]["prefix_mse"][-1] == pytest.approx(metrics["matry"]["mse"])
+    loaded = {name: io.load(run_dir / "saes" / name) for name in ("btk", "jump", "matry")}
+    assert [type(s).__name__ for s in loaded.values()] == ["BatchTopKSAE", "JumpReLUSAE", "MatryoshkaSAE"]
+    assert loaded["matry"].cfg.matryoshka_widths == [8, 16, 64]
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:5]] == ["btk", "jump", "matry"]
+
+
+def test_train_help_lists_every_architecture_and_its_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for arch, field in [("batchtopk", "threshold_momentum"), ("jumprelu", "bandwidth"),
+                        ("matryoshka_batchtopk", "matryoshka_widths"), ("switch", "n_experts")]:
+        assert f"architecture: {arch}" in text and field in text
+
+
 def test_json_config_and_run_dir_override(tmp_path):
     cfg = {"train": {"total_steps": 5, "progress_bar": False}, "run_dir": "ignored",
            "data": {"source": "synthetic", "batch_size": 64, "eval_tokens": 128, "synthetic": {"d": 8, "n_features": 16, "mean_active": 2}},

@@ -263,6 +263,27 @@ def test_dense_code_saes(architecture, store, tokenizer):
     assert index.groups is None and index.output_effects(0) is None
 
 
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka_batchtopk", "jumprelu"])
+def test_saes_with_a_threshold(architecture, store, tokenizer):
+    """BatchTopK and Matryoshka (k-sparse rows padded to the longest, a global threshold at
+    inference) and JumpReLU (a dense code with a threshold per latent); a Matryoshka SAE's features
+    carry their prefix level."""
+    fields = {"k": 4} if "batchtopk" in architecture else {"init_threshold": 1.0}
+    sae = build_sae(make_config(architecture, d_in=D, d_sae=F, seed=3, **fields))
+    if architecture != "jumprelu":
+        sae.threshold.fill_(1.0)  # as if trained: the inference threshold
+    index = build_feature_index(sae, store, tokenizer, progress=False)
+    acts_NF = dense_acts(sae, store)
+    assert 0 < (acts_NF > 0).float().mean() < 0.5
+    check_stats(index, acts_NF)
+    check_top(index, store, acts_NF, index.cfg.n_top)
+    check_windows(index, store, tokenizer, acts_NF, range(0, F, 16))
+    if architecture == "matryoshka_batchtopk":
+        assert index.groups.kind == "level" and torch.equal(index.groups.group_F, sae.latent_groups().group_F)
+    else:
+        assert index.groups is None
+
+
 def test_switch_features_carry_their_expert(store, tokenizer):
     sae = build_sae(make_config("switch", d_in=D, d_sae=F, k=4, n_experts=4))
     index = build_feature_index(sae, store, tokenizer, progress=False)

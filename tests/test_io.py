@@ -94,8 +94,8 @@ def test_damaged_config(tmp_path):
 def test_foreign_architecture(tmp_path):
     io.save(_trained_like("relu"), tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    with pytest.raises(ValueError, match="architecture 'jumprelu' is not one this workbench can load"):
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "transcoder"}))
+    with pytest.raises(ValueError, match="architecture 'transcoder' is not one this workbench can load"):
         io.load(tmp_path)
 
 

@@ -211,6 +211,22 @@ def test_flops_per_token_formulas():
     assert relu.flops_per_token(training=True) == 3 * relu.flops_per_token() == 12 * d * m
     gated = GatedSAE(GatedConfig(d_in=d, d_sae=m))
     assert gated.flops_per_token() == 4 * d * m and gated.flops_per_token(training=True) == 18 * d * m
+    batchtopk = build_sae(make_config("batchtopk", d_in=d, d_sae=m, k=k))  # k-sparse on average: as TopK
+    assert batchtopk.flops_per_token(training=True) == topk.flops_per_token(training=True)
+    matryoshka = build_sae(make_config("matryoshka_batchtopk", d_in=d, d_sae=m, k=k))  # + 4 prefix decodes
+    assert matryoshka.flops_per_token() == topk.flops_per_token() + 4 * 2 * k * d
+    assert matryoshka.flops_per_token(training=True) == topk.flops_per_token(training=True) + 3 * 4 * 2 * k * d
+    jumprelu = build_sae(make_config("jumprelu", d_in=d, d_sae=m))
+    assert jumprelu.flops_per_token(training=True) == 3 * jumprelu.flops_per_token() == 12 * d * m
+
+
+def test_a_padded_code_counts_only_its_real_entries():
+    """Rows of a BatchTopK code are padded with zero activations on latent 0, which may also be a
+    real entry of the same row."""
+    code = Code(torch.tensor([[2.0, 5.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([[0, 3, 0], [2, 0, 0]]), 4)
+    assert torch.equal(code.dense(), torch.tensor([[2.0, 0.0, 0.0, 5.0], [0.0, 0.0, 1.0, 0.0]]))
+    assert torch.equal(code.fire_counts(), torch.tensor([1, 0, 1, 1]))
+    assert torch.equal(code.l0(), torch.tensor([2, 1]))
 
 
 def test_same_seed_same_weights_other_seed_other_weights():
@@ -229,7 +245,7 @@ def test_same_seed_same_weights_other_seed_other_weights():
     ("relu", dict(d_in=16, d_sae=-3), "d_sae=-3 must be a positive integer"),
     ("gated", dict(d_in=16, d_sae=32, l2_reduction="max"), "l2_reduction='max'"),
     ("gated", dict(d_in=16, d_sae=32, width=3), "gated SAE has no field(s) ['width']"),
-    ("batchtopk", dict(d_in=16, d_sae=32), "unknown architecture 'batchtopk'"),
+    ("transcoder", dict(d_in=16, d_sae=32), "unknown architecture 'transcoder'"),
 ])
 def test_bad_configs_raise_clear_errors(arch, fields, message):
     with pytest.raises(ValueError) as err:

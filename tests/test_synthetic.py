@@ -1,11 +1,11 @@
-import itertools
 import math
 
 import pytest
 import torch
 
 from workbench.data.synthetic import SyntheticConfig, SyntheticData, firing_probabilities, recovery_score
-from workbench.saes import TopKConfig, TopKSAE, UnitNormDecoder
+from workbench.saes import build_sae, make_config
+from workbench.train import TrainConfig, Trainer
 
 SMALL = SyntheticConfig(d=16, n_features=64, mean_active=4.0)
 
@@ -152,22 +152,26 @@ def test_bad_stream_seed_raises():
         next(SyntheticData(SMALL).batches(4, 1, seed=-3))
 
 
-def test_topk_sae_recovers_the_features():
-    torch.manual_seed(0)
-    data = SyntheticData()
-    sae = TopKSAE(TopKConfig(d_in=64, d_sae=1024, k=8))
+def _train_on(data, arch, batches, steps=300):
+    """300 steps of 1024 tokens at lr 8e-3, through the Trainer."""
+    sae = build_sae(make_config(arch, d_in=64, d_sae=1024, k=8))
     assert recovery_score(data.features_FD, sae.W_dec) < 0.5
-    stream = data.batches(batch_size=1024, n_batches=300, seed=0)
-    first = next(stream)
-    sae.init_from_data_(first)
-    opt = torch.optim.Adam(sae.parameters(), lr=8e-3, fused=True)
-    norm = UnitNormDecoder([sae.W_dec])
-    for x_BD in itertools.chain([first], stream):
-        loss = sum(sae(x_BD).losses.values())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        norm.project_grads()
-        opt.step()
-        norm.renormalise()
-    assert recovery_score(data.features_FD, sae.W_dec) >= 0.9
+    Trainer(sae, TrainConfig(total_steps=steps, lr=8e-3, progress_bar=False)).fit(batches)
+    return recovery_score(data.features_FD, sae.W_dec)
+
+
+def test_topk_sae_recovers_the_features():
+    data = SyntheticData()
+    assert _train_on(data, "topk", data.batches(batch_size=1024, n_batches=300, seed=0)) >= 0.9
+
+
+def test_batchtopk_sae_recovers_the_features_of_tokens_of_equal_norm():
+    """BatchTopK shares k * B latents between the tokens of a batch, largest activations first, so
+    a token's share grows with its norm. In the default synthetic data the norm grows with the
+    number of active features, and the one-feature tokens, the cleanest evidence of a feature, get
+    few latents or none: there it recovers about 0.55 where TopK recovers 0.93 (notebook 10). With
+    every token scaled to the same norm it recovers the features as TopK does."""
+    data = SyntheticData()
+    equal_norms = (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6) * 2.2
+                   for x in data.batches(batch_size=1024, n_batches=300, seed=0))
+    assert _train_on(data, "batchtopk", equal_norms) >= 0.9

@@ -83,6 +83,11 @@ class LatentGroups(NamedTuple):
         return int(self.group_F.max()) + 1
 
 
+WORKBENCH_ARCHITECTURE_KEY = "workbench_architecture"
+"""cfg.json key naming our architecture where SAELens reads the folder as another (BatchTopK saved as
+SAELens' "jumprelu")."""
+
+
 @dataclass
 class SAEConfig:
     """Sizes shared by every architecture. Subclasses add their own fields and set ``architecture``."""
@@ -195,8 +200,9 @@ class BaseSAE(nn.Module, abc.ABC):
 
     @torch.no_grad()
     def load_saelens_tensors_(self, tensors: dict[str, Tensor]) -> None:
-        """Set the weights from tensors keyed as :meth:`saelens_tensors` gives them; a ValueError
-        names the missing, unexpected or misshapen keys."""
+        """Set the parameters from tensors keyed as :meth:`saelens_tensors` gives them; a ValueError
+        names the missing, unexpected or misshapen keys. Architectures that save more than their
+        parameters set the rest after calling this."""
         expected = self.saelens_tensors()
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or extra:
@@ -206,9 +212,9 @@ class BaseSAE(nn.Module, abc.ABC):
             if tensors[name].shape != ref.shape:
                 raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, but cfg.json implies "
                                  f"{tuple(ref.shape)}")
-        params = dict(self.named_parameters())
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+        for name, param in self.named_parameters():
+            if name in tensors:  # a parameter saved under another key is the subclass's to set
+                param.copy_(tensors[name])
 
     def encode(self, x_BD: Tensor) -> Tensor:
         """Dense (B, F) latent activations."""
@@ -376,6 +382,21 @@ def sparse_decode(acts_BK: Tensor, idx_BK: Tensor, W_dec_FD: Tensor) -> Tensor:
     if W_dec_FD.requires_grad and torch.is_grad_enabled():
         out_BD = _DecoderWeightGrad.apply(out_BD, acts_BK.detach(), idx_BK, W_dec_FD)
     return out_BD
+
+
+def pad_rows(row_N: Tensor, col_N: Tensor, val_N: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """A k-sparse code (values (B, K), latent ids (B, K)) from N (row, latent, value) entries, in any
+    order; each row is padded to the longest with zero values (on latent 0)."""
+    order_N = row_N.argsort(stable=True)
+    row_N, col_N, val_N = row_N[order_N], col_N[order_N], val_N[order_N]
+    counts_B = torch.bincount(row_N, minlength=n_rows)
+    width = max(int(counts_B.max()), 1) if len(row_N) else 1
+    slot_N = torch.arange(len(row_N), device=row_N.device) - (counts_B.cumsum(0) - counts_B)[row_N]
+    vals_BK = val_N.new_zeros(n_rows, width)
+    idx_BK = torch.zeros(n_rows, width, dtype=torch.long, device=row_N.device)
+    vals_BK[row_N, slot_N] = val_N
+    idx_BK[row_N, slot_N] = col_N
+    return vals_BK, idx_BK
 
 
 def check_k(k: int, width: int, what: str) -> None:

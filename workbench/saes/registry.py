@@ -1,8 +1,11 @@
 """Architecture names -> (config class, module class). The one place that lists them."""
 from __future__ import annotations
 
-from .base import BaseSAE, SAEConfig
+from .base import WORKBENCH_ARCHITECTURE_KEY, BaseSAE, SAEConfig
+from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .gated import GatedConfig, GatedSAE
+from .jumprelu import JumpReLUConfig, JumpReLUSAE
+from .matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from .relu import ReLUConfig, ReLUSAE
 from .switch import SwitchConfig, SwitchSAE
 from .topk import TopKConfig, TopKSAE
@@ -12,12 +15,10 @@ ARCHITECTURES: dict[str, tuple[type[SAEConfig], type[BaseSAE]]] = {
     "topk": (TopKConfig, TopKSAE),
     "gated": (GatedConfig, GatedSAE),
     "switch": (SwitchConfig, SwitchSAE),
+    "batchtopk": (BatchTopKConfig, BatchTopKSAE),
+    "jumprelu": (JumpReLUConfig, JumpReLUSAE),
+    "matryoshka_batchtopk": (MatryoshkaConfig, MatryoshkaSAE),
 }
-
-
-WORKBENCH_ARCHITECTURE_KEY = "workbench_architecture"
-"""cfg.json key naming our architecture where SAELens reads the folder as another (BatchTopK saved as
-SAELens' "jumprelu")."""
 
 
 def architecture_of(saved_cfg: dict) -> str | None:

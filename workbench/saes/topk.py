@@ -136,6 +136,22 @@ class TopKSAE(BaseSAE):
         aux_loss = (err_BD - aux_recon_BD).pow(2).sum(-1).mean() / total_variance(err_BD)
         return self.cfg.auxk_coef * torch.nan_to_num(aux_loss, nan=0.0, posinf=0.0)
 
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        """Without ``latent_bias`` the encoder has no bias: b_enc is written as the zeros it acts as,
+        so that SAELens, which always adds b_enc, computes the same."""
+        tensors = super().saelens_tensors()
+        if not self.cfg.latent_bias:
+            tensors["b_enc"] = torch.zeros_like(tensors["b_enc"])
+        return tensors
+
+    @torch.no_grad()
+    def load_saelens_tensors_(self, tensors: dict[str, Tensor]) -> None:
+        b_enc = tensors.get("b_enc")
+        if not self.cfg.latent_bias and b_enc is not None and bool(b_enc.any()):
+            raise ValueError(f"b_enc is non-zero but this {self.cfg.architecture} SAE has latent_bias=false, "
+                             f"so it would ignore it; set latent_bias: true in cfg.json")
+        super().load_saelens_tensors_(tensors)
+
     def flops_per_token(self, training: bool = False) -> int:
         """Forward: dense encoder 2*d*M + sparse decoder 2*k*d. A training step adds the sparse
         backward: encoder-weight, decoder-weight and latent gradients, 2*k*d each (AuxK excluded)."""

@@ -1,0 +1,136 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024, arXiv 2412.06410): TopK over the whole batch.
+
+    pre = W_enc^T (x - b_pre) [+ b_enc]                  as TopK
+    training:  z = ReLU(pre) on the k * B largest pre-activations of the batch (B tokens), 0 elsewhere
+    inference: z = ReLU(pre) * 1[pre > theta]            one global threshold theta: a JumpReLU
+    x_hat = W_dec^T z + b_pre
+
+The mean L0 over a training batch is k, but one token may use many latents and another few. So that
+a token's code does not depend on the batch it came in, the SAE keeps a running threshold theta: an
+exponential moving average of the smallest activation kept in each training batch (SAELens and
+dictionary_learning do the same; the first batch sets theta). In eval mode (evaluation, the feature
+index, the prompt runner, a loaded SAE) it encodes with theta, so its L0 is k on average over tokens
+like those it was trained on, not exactly.
+
+Loss, AuxK, dead latents and the sparse backward are TopK's (:mod:`workbench.saes.topk`). Each row
+of the code is padded to the batch's largest L0 with zero activations.
+
+Saved as SAELens saves its own BatchTopK SAEs: architecture "jumprelu" with ``threshold`` = theta for
+every latent (SAELens then computes exactly the inference encoding above); cfg.json also says
+``"workbench_architecture": "batchtopk"`` so that this workbench reads it back as BatchTopK.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import WORKBENCH_ARCHITECTURE_KEY, Code, SAEOutput, pad_rows
+from .topk import DeadTopK, TopKConfig, TopKSAE
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    """BatchTopK SAE: the k * batch largest activations of a training batch, a JumpReLU at inference."""
+
+    threshold_momentum: float = 0.99
+    """theta <- momentum * theta + (1 - momentum) * (smallest activation kept in the batch); SAELens'
+    topk_threshold_lr is 1 - momentum."""
+
+    architecture = "batchtopk"
+    saelens_architecture = "jumprelu"
+
+    def validate(self) -> None:
+        super().validate()
+        m = self.threshold_momentum
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 <= m < 1:
+            raise ValueError(f"threshold_momentum={m!r} must be in [0, 1), e.g. 0.99")
+
+
+class BatchTopKSAE(TopKSAE):
+    cfg: BatchTopKConfig
+
+    def __init__(self, cfg: BatchTopKConfig):
+        super().__init__(cfg)
+        # Model state, not training state: inference encodes with it, and it is saved with the SAE.
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def encode_code(self, x_BD: Tensor) -> Code:
+        self.check_input(x_BD)
+        vals_BK, idx_BK = self._select_above_threshold(x_BD)
+        return Code(vals_BK, idx_BK, self.cfg.d_sae)
+
+    def forward(self, x_BD: Tensor, *, dead_mask: Tensor | None = None) -> SAEOutput:
+        self.check_input(x_BD)
+        aux = self._auxk(x_BD, dead_mask)
+        if self.training:
+            vals_BK, idx_BK = self._select_batch(x_BD, aux)
+            self._update_threshold(vals_BK)
+        else:
+            vals_BK, idx_BK = self._select_above_threshold(x_BD)
+        return self._sparse_output(x_BD, vals_BK, idx_BK, aux)
+
+    @torch.no_grad()
+    def _select_batch(self, x_BD: Tensor, aux: DeadTopK | None) -> tuple[Tensor, Tensor]:
+        """The k * B largest pre-activations of the batch, as per-token rows padded with zeros.
+
+        Each chunk of rows keeps its own k * B largest (flat) entries; the batch's k * B largest are
+        among those, so the (B, F) pre-activations are never held at once."""
+        n_rows, d_sae = x_BD.shape[0], self.cfg.d_sae
+        n_keep = self.cfg.k * n_rows
+        vals, flat = [], []
+        for rows, pre_CF in self._pre_act_chunks(x_BD):
+            chunk_vals, chunk_flat = pre_CF.reshape(-1).topk(min(n_keep, pre_CF.numel()), sorted=False)
+            vals.append(chunk_vals)
+            flat.append(chunk_flat + rows.start * d_sae)
+            if aux is not None:
+                aux.add(rows, pre_CF)
+        vals_N, pick_N = torch.cat(vals).topk(n_keep, sorted=False)
+        flat_N = torch.cat(flat)[pick_N]
+        return pad_rows(flat_N.div(d_sae, rounding_mode="floor"), flat_N % d_sae, vals_N.relu(), n_rows)
+
+    @torch.no_grad()
+    def _select_above_threshold(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """Each token's pre-activations above theta (as ReLU(pre) * 1[pre > theta]), padded rows."""
+        theta = self.threshold.to(x_BD.dtype)
+        parts = []
+        for _, pre_CF in self._pre_act_chunks(x_BD):
+            n_above = int((pre_CF > theta).sum(-1).max()) if pre_CF.numel() else 0
+            vals_CK, idx_CK = pre_CF.topk(max(n_above, 1), dim=-1, sorted=False)
+            parts.append((vals_CK.masked_fill_(vals_CK <= theta, 0), idx_CK))
+        width = max(v.shape[1] for v, _ in parts)
+        vals_BK = torch.cat([F.pad(v, (0, width - v.shape[1])) for v, _ in parts])
+        idx_BK = torch.cat([F.pad(i, (0, width - i.shape[1])) for _, i in parts])
+        return vals_BK, idx_BK
+
+    @torch.no_grad()
+    def _update_threshold(self, vals_BK: Tensor) -> None:
+        """theta <- EMA of the batch's smallest kept activation (the first batch sets it); without a
+        device sync, and unchanged if the batch kept no positive activation."""
+        smallest = torch.where(vals_BK > 0, vals_BK, torch.inf).min().to(self.threshold.dtype)
+        m = self.cfg.threshold_momentum
+        updated = torch.where(self.threshold > 0, m * self.threshold + (1 - m) * smallest, smallest)
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
+
+    def summarize_metrics(self, totals: dict[str, Tensor], n_tokens: int) -> dict[str, float | list[float]]:
+        """Also the current inference ``threshold`` theta."""
+        return {**super().summarize_metrics(totals, n_tokens), "threshold": float(self.threshold)}
+
+    def saelens_config(self) -> dict:
+        return {**super().saelens_config(), WORKBENCH_ARCHITECTURE_KEY: self.cfg.architecture}
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        theta_F = torch.full((self.cfg.d_sae,), float(self.threshold), dtype=torch.float32)
+        return {**super().saelens_tensors(), "threshold": theta_F}
+
+    @torch.no_grad()
+    def load_saelens_tensors_(self, tensors: dict[str, Tensor]) -> None:
+        super().load_saelens_tensors_(tensors)
+        theta_F = tensors["threshold"]
+        if not bool((theta_F == theta_F[0]).all()):
+            raise ValueError(f"a {self.cfg.architecture} SAE has one threshold for every latent, but these "
+                             f"thresholds differ between latents; load the folder as architecture 'jumprelu'")
+        self.threshold.fill_(float(theta_F[0]))
