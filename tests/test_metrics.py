@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from workbench.eval.metrics import (FiringStats, cosine_similarity, evaluate, explained_variance, fvu, l0,
-                                    mse, relative_reconstruction_bias)
-from workbench.saes import Code, SwitchConfig, SwitchSAE, TopKConfig, TopKSAE
+                                    mse, mse_of_latents, relative_reconstruction_bias)
+from workbench.saes import Code, SwitchConfig, SwitchSAE, TopKConfig, TopKSAE, build_sae, make_config
 
 # Two tokens, two dims. err = x - recon = [[0, 1], [1, 0]].
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
@@ -199,3 +199,26 @@ def test_evaluate_window_and_empty_input():
     assert windowed >= never
     with pytest.raises(ValueError, match="no tokens"):
         evaluate(sae, [])
+
+
+@pytest.mark.parametrize("arch", ["topk", "gated", "switch", "matryoshka_batchtopk"])
+def test_mse_of_latents_against_a_dense_decode(arch):
+    fields = {"k": 4, "n_experts": 4} if arch == "switch" else {"k": 4} if "topk" in arch else {}
+    if arch == "matryoshka_batchtopk":
+        fields["matryoshka_widths"] = [8, 16, 32]
+    sae = build_sae(make_config(arch, d_in=8, d_sae=32, **fields))
+    if arch == "matryoshka_batchtopk":
+        sae.threshold.fill_(0.3)
+    batches = _data(seed=4)
+    keep_F = torch.arange(32) % 3 == 0
+    with torch.no_grad():
+        x_BD = torch.cat(batches)
+        expected = mse(x_BD, (sae.encode(x_BD) * keep_F) @ sae.W_dec + sae.b_dec)
+        everything = mse_of_latents(sae, batches, torch.ones(32, dtype=torch.bool))
+    assert mse_of_latents(sae, batches, keep_F) == pytest.approx(expected, rel=1e-5)
+    assert everything == pytest.approx(evaluate(sae, batches)["mse"], rel=1e-5)
+    if arch == "matryoshka_batchtopk":  # its own per-prefix report is the same number
+        assert mse_of_latents(sae, batches, torch.arange(32) < 8) == pytest.approx(
+            evaluate(sae, batches)["prefix_mse"][0], rel=1e-5)
+    with pytest.raises(ValueError, match=r"keep_F must be a bool tensor of shape \(32,\)"):
+        mse_of_latents(sae, batches, torch.ones(31, dtype=torch.bool))

@@ -87,7 +87,11 @@ QUICK = Profile(
     alphas=(0.0, 0.1, 1.0, 3.0, 10.0),
     seeds=(0, 1),
     widths=(256, 512, 1024),
-    extra={"05_width": 512, "05_downstream_contexts": 4},
+    extra={"05_width": 512, "05_downstream_contexts": 4,
+           # 300 steps move a JumpReLU's log-threshold by at most ~lr * steps = 0.3: at this scale the
+           # initial threshold sets the L0, so the sweep is over it (at lambda 0.01).
+           "10_ks": (8, 16, 32), "10_jumprelu": ({"init_threshold": 0.8}, {"init_threshold": 1.6}),
+           "10_gated_l1": (0.01,)},
 )
 
 PAPER = Profile(
@@ -107,7 +111,9 @@ PAPER = Profile(
     alphas=(0.0, 0.001, 0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0),
     seeds=(0, 1),
     widths=(4096, 16_384, 32_768),
-    extra={"05_width": 24_576, "05_downstream_contexts": 128},
+    extra={"05_width": 24_576, "05_downstream_contexts": 128,
+           "10_ks": (16, 32, 64, 128), "10_jumprelu": tuple({"l0_coefficient": lam} for lam in (0.001, 0.003, 0.01)),
+           "10_gated_l1": (0.006, 0.02, 0.04)},
 )
 
 PROFILES = {p.name: p for p in (QUICK, PAPER)}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..saes.base import BaseSAE, Code
+from ..saes.base import BaseSAE, Code, sparse_decode
 
 
 def mse(x_BD: Tensor, recon_BD: Tensor) -> float:
@@ -193,3 +193,34 @@ def evaluate(sae: BaseSAE, batches: Iterable[Tensor],
         "dense_fraction": firing.dense_fraction(),
     }
     return metrics | sae.summarize_metrics(sae_totals.sums, n_tokens)
+
+
+@torch.no_grad()
+def mse_of_latents(sae: BaseSAE, batches: Iterable[Tensor], keep_F: Tensor) -> float:
+    """MSE per element (as :func:`evaluate`'s "mse") of reconstructions from only the latents that
+    ``keep_F`` ((F,) bool) marks, the others set to 0, over every token of ``batches``, in eval mode:
+    how well one part of a dictionary reconstructs alone (a Matryoshka prefix, an SAE's most
+    frequent latents). Every architecture decodes as sum_f z_f W_dec[f] + b_dec."""
+    if keep_F.shape != (sae.cfg.d_sae,) or keep_F.dtype != torch.bool:
+        raise ValueError(f"keep_F must be a bool tensor of shape ({sae.cfg.d_sae},), one entry per latent; "
+                         f"got {keep_F.dtype} {tuple(keep_F.shape)}")
+    was_training = sae.training
+    sae.eval()
+    try:
+        device = sae.W_dec.device
+        keep_F = keep_F.to(device)
+        sq_err, n_elements = torch.zeros((), dtype=torch.float64), 0
+        for x_BD in batches:
+            x_BD = x_BD.to(device)
+            code = sae.encode_code(x_BD)
+            if code.idx is None:
+                recon_BD = sae.decode(code.acts * keep_F)
+            else:
+                recon_BD = sparse_decode(code.acts * keep_F[code.idx], code.idx, sae.W_dec) + sae.b_dec
+            sq_err += (x_BD.double() - recon_BD.double()).pow(2).sum().cpu()
+            n_elements += x_BD.numel()
+    finally:
+        sae.train(was_training)
+    if n_elements == 0:
+        raise ValueError("mse_of_latents got no tokens: batches yielded nothing")
+    return (sq_err / n_elements).item()

@@ -86,7 +86,8 @@ def bars(values: Mapping[str, float], *, reference: float | None = None, ax: Axe
     fig, ax = _axes(ax)
     names = list(values)
     ax.bar(range(len(names)), [values[n] for n in names])
-    ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 8 else 0, ha="right" if len(names) > 8 else "center")
+    slanted = len(names) > 8 or sum(len(str(n)) for n in names) > 48  # labels that would run into each other
+    ax.set_xticks(range(len(names)), names, rotation=45 if slanted else 0, ha="right" if slanted else "center")
     if reference is not None:
         ax.axhline(reference, linestyle="--", color="gray")
     _finish(ax, None, ylabel, title, False, False, legend=False)
