@@ -70,6 +70,16 @@ def test_switch_expert_load_has_one_curve_per_expert(trained):
     assert not any(metric.startswith("expert_load") for metric, sae in dashboard.points if sae == "topk")
 
 
+def test_a_list_metric_gets_a_curve_per_entry_named_by_its_first_word():
+    dashboard = TrainingDashboard()
+    for step, prefix_mse in [(1, [0.9, 0.5, 0.3]), (2, [0.8, 0.4, 0.25])]:
+        dashboard.callback({"step": step, "sae": "matry", "tokens": 64 * step, "loss": 1.0, "prefix_mse": prefix_mse})
+    drawn = _drawn(dashboard, "prefix_mse · matry")
+    assert set(drawn) == {"prefix 0", "prefix 1", "prefix 2"}
+    assert dashboard.points[("prefix_mse/1", "matry")] == ([1, 2], [0.5, 0.4])
+    _assert_drawn_as(drawn["prefix 2"], [1, 2], [0.3, 0.25])
+
+
 def test_a_new_loss_term_gets_its_own_curve():
     dashboard = TrainingDashboard()
     dashboard.callback({"step": 1, "sae": "mine", "tokens": 64, "lr": 1e-3, "loss": 1.0, "loss/mse": 1.0})

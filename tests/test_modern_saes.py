@@ -80,6 +80,20 @@ def test_batchtopk_matches_the_dense_reference(k, chunk_rows, monkeypatch):
         _close(grad, dict(sae.named_parameters())[name].grad, f"grad {name}")
 
 
+def test_batchtopk_finds_every_kept_entry_of_a_token_that_needs_more_than_4k():
+    """Each token offers 4k candidates; one far louder than the rest takes more than that, and the
+    selection must still equal the dense one (its row is searched again whole)."""
+    sae = _perturb_(BatchTopKSAE(BatchTopKConfig(d_in=D, d_sae=F, k=2))).train()
+    x_BD = _data()
+    x_BD[5] *= 50
+    dead_F = torch.zeros(F, dtype=torch.bool)
+    out = sae(x_BD, dead_mask=dead_F)
+    _, z_ref, losses_ref = _batchtopk_reference(sae, x_BD, dead_F, k_aux=1)
+    assert int(out.code.l0()[5]) > 4 * 2
+    _close(out.code.dense(), z_ref, "code")
+    _close(out.losses["fvu"], losses_ref["fvu"], "fvu")
+
+
 def test_batchtopk_l0_is_k_on_average_and_varies_per_token():
     sae = _perturb_(BatchTopKSAE(BatchTopKConfig(d_in=D, d_sae=F, k=5))).train()
     x_BD = _data(n=64)

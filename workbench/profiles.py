@@ -90,7 +90,8 @@ QUICK = Profile(
     extra={"05_width": 512, "05_downstream_contexts": 4,
            # 300 steps move a JumpReLU's log-threshold by at most ~lr * steps = 0.3: at this scale the
            # initial threshold sets the L0, so the sweep is over it (at lambda 0.01).
-           "10_ks": (8, 16, 32), "10_jumprelu": ({"init_threshold": 0.8}, {"init_threshold": 1.6}),
+           "10_width": 512, "10_ks": (8, 16, 32),
+           "10_jumprelu": ({"init_threshold": 0.8}, {"init_threshold": 1.6}),
            "10_gated_l1": (0.01,)},
 )
 
@@ -112,7 +113,7 @@ PAPER = Profile(
     seeds=(0, 1),
     widths=(4096, 16_384, 32_768),
     extra={"05_width": 24_576, "05_downstream_contexts": 128,
-           "10_ks": (16, 32, 64, 128), "10_jumprelu": tuple({"l0_coefficient": lam} for lam in (0.001, 0.003, 0.01)),
+           "10_width": 24_576, "10_ks": (16, 32, 64, 128), "10_jumprelu": tuple({"l0_coefficient": lam} for lam in (0.001, 0.003, 0.01)),
            "10_gated_l1": (0.006, 0.02, 0.04)},
 )
 

@@ -31,6 +31,10 @@ from .base import WORKBENCH_ARCHITECTURE_KEY, Code, SAEOutput, pad_rows
 from .topk import DeadTopK, TopKConfig, TopKSAE
 
 
+CANDIDATES_PER_K = 4
+"""Each token offers its top 4k pre-activations to the batch's selection (see ``_select_batch``)."""
+
+
 @dataclass
 class BatchTopKConfig(TopKConfig):
     """BatchTopK SAE: the k * batch largest activations of a training batch, a JumpReLU at inference."""
@@ -77,20 +81,32 @@ class BatchTopKSAE(TopKSAE):
     def _select_batch(self, x_BD: Tensor, aux: DeadTopK | None) -> tuple[Tensor, Tensor]:
         """The k * B largest pre-activations of the batch, as per-token rows padded with zeros.
 
-        Each chunk of rows keeps its own k * B largest (flat) entries; the batch's k * B largest are
-        among those, so the (B, F) pre-activations are never held at once."""
+        Exact, without a top-(k * B) over all B * F entries (slow for large k * B): each row offers
+        its top ``CANDIDATES_PER_K * k`` pre-activations as candidates and the batch keeps the k * B
+        largest of those. A row whose every candidate was kept may hold more above the cut; such rows
+        (rare: a token using over 4k latents) are searched again whole."""
         n_rows, d_sae = x_BD.shape[0], self.cfg.d_sae
         n_keep = self.cfg.k * n_rows
-        vals, flat = [], []
+        cap = min(d_sae, CANDIDATES_PER_K * self.cfg.k)
+        vals_BC = x_BD.new_empty(n_rows, cap)
+        idx_BC = torch.empty(n_rows, cap, dtype=torch.long, device=x_BD.device)
         for rows, pre_CF in self._pre_act_chunks(x_BD):
-            chunk_vals, chunk_flat = pre_CF.reshape(-1).topk(min(n_keep, pre_CF.numel()), sorted=False)
-            vals.append(chunk_vals)
-            flat.append(chunk_flat + rows.start * d_sae)
+            torch.topk(pre_CF, cap, dim=-1, sorted=False, out=(vals_BC[rows], idx_BC[rows]))
             if aux is not None:
                 aux.add(rows, pre_CF)
-        vals_N, pick_N = torch.cat(vals).topk(n_keep, sorted=False)
-        flat_N = torch.cat(flat)[pick_N]
-        return pad_rows(flat_N.div(d_sae, rounding_mode="floor"), flat_N % d_sae, vals_N.relu(), n_rows)
+        if cap < d_sae:
+            cut = vals_BC.flatten().topk(n_keep, sorted=False).values.min()
+            full_B = (vals_BC.min(-1).values >= cut).nonzero().flatten()
+            if len(full_B):  # widen those rows to every latent (padded with -inf, never kept)
+                pre_RF = (x_BD[full_B] - self.b_dec) @ self.W_enc
+                if self.cfg.latent_bias:
+                    pre_RF += self.b_enc
+                vals_BC = F.pad(vals_BC, (0, d_sae - cap), value=-torch.inf)
+                idx_BC = F.pad(idx_BC, (0, d_sae - cap))
+                vals_BC[full_B], idx_BC[full_B] = pre_RF, torch.arange(d_sae, device=x_BD.device)
+        vals_N, pick_N = vals_BC.flatten().topk(n_keep, sorted=False)
+        return pad_rows(pick_N.div(vals_BC.shape[1], rounding_mode="floor"), idx_BC.flatten()[pick_N],
+                        vals_N.relu(), n_rows)
 
     @torch.no_grad()
     def _select_above_threshold(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:

@@ -41,12 +41,14 @@ MAX_DRAWN = 400
 
 class TrainingDashboard(pn.viewable.Viewer):
     """One small plot per metric with a curve per SAE (each ``loss/<term>``, ``loss``, ``mse``,
-    ``l0``, ``dead_fraction``, ``load_balance``), and one expert-load plot per Switch SAE with a
-    curve per expert. A metric or SAE seen for the first time gets its plot or curve then, so rows
+    ``l0``, ``dead_fraction``, and every number an SAE reports, e.g. ``load_balance``), and for a
+    metric that is a list, one plot per SAE with a curve per entry, labelled by the metric's first
+    word (a Switch SAE's ``expert_load``: "expert 0", ...; a Matryoshka SAE's ``prefix_mse``:
+    "prefix 0", ...). A metric or SAE seen for the first time gets its plot or curve then, so rows
     of any architecture (or a custom loss term) need no set-up.
 
     ``rows`` holds the received rows, ``points[(metric, sae)]`` the (steps, values) of each curve
-    (expert loads are metrics ``expert_load/<e>``) and ``plots[title]`` the pane of each plot.
+    (list entries are metrics ``<name>/<i>``) and ``plots[title]`` the pane of each plot.
     """
 
     def __init__(self, plot_width: int = 340, plot_height: int = 200, **params: Any):
@@ -71,8 +73,9 @@ class TrainingDashboard(pn.viewable.Viewer):
         for key, value in row.items():
             if key in _NOT_PLOTTED:
                 continue
-            if isinstance(value, list):  # a Switch SAE's per-expert load: one curve per expert
-                points = [(f"{key}/{e}", f"{key} · {sae}", f"expert {e}", v) for e, v in enumerate(value)]
+            if isinstance(value, list):  # one curve per entry, named by the metric's first word:
+                entry = key.split("_")[0]  # expert_load -> "expert 0", ..., prefix_mse -> "prefix 0", ...
+                points = [(f"{key}/{i}", f"{key} · {sae}", f"{entry} {i}", v) for i, v in enumerate(value)]
             elif isinstance(value, Real):
                 points = [(key, key, sae, value)]
             else:
