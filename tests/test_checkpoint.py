@@ -46,13 +46,18 @@ class SparseStream:
             yield self.bad.get(i, (coef[..., None] * dirs[idx]).sum(1) + 0.01 * torch.randn(B, D, generator=gen))
 
 
-def four_saes() -> dict:
+def every_sae() -> dict:
     return {
         "topk": build_sae(make_config("topk", d_in=D, d_sae=F, k=4)),
         "gated": build_sae(make_config("gated", d_in=D, d_sae=F)),
         # The L1 warm-up is still running at the interruption.
         "relu": build_sae(make_config("relu", d_in=D, d_sae=F, l1_warmup_steps=20)),
         "switch": build_sae(make_config("switch", d_in=D, d_sae=F, k=4, n_experts=4)),
+        # BatchTopK and Matryoshka keep an inference threshold (a buffer); JumpReLU's thresholds
+        # are parameters saved under another key, and its L0 penalty is still warming up.
+        "batchtopk": build_sae(make_config("batchtopk", d_in=D, d_sae=F, k=4)),
+        "matryoshka": build_sae(make_config("matryoshka_batchtopk", d_in=D, d_sae=F, k=4)),
+        "jumprelu": build_sae(make_config("jumprelu", d_in=D, d_sae=F, init_threshold=0.05, l0_warmup_steps=20)),
     }
 
 
@@ -83,7 +88,7 @@ def assert_same_run(a: Trainer, b: Trainer) -> None:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory) -> Trainer:
-    trainer = Trainer(four_saes(), train_cfg(), run_dir=tmp_path_factory.mktemp("straight"))
+    trainer = Trainer(every_sae(), train_cfg(), run_dir=tmp_path_factory.mktemp("straight"))
     trainer.fit(SparseStream(30))
     return trainer
 
@@ -92,11 +97,11 @@ def straight_run(tmp_path_factory) -> Trainer:
 def test_resumed_run_is_bit_identical(tmp_path, straight_run, interruption):
     if interruption == "stream_ends":  # stops at 13, checkpointed there (not a multiple of 5)
         with pytest.warns(UserWarning, match="ran out after 13 batches"):
-            Trainer(four_saes(), train_cfg(), run_dir=tmp_path).fit(SparseStream(13))
+            Trainer(every_sae(), train_cfg(), run_dir=tmp_path).fit(SparseStream(13))
         resume_step = 13
     else:  # dies while reading batch 13; the last checkpoint is step 10
         with pytest.raises(RuntimeError, match="simulated crash"):
-            Trainer(four_saes(), train_cfg(), run_dir=tmp_path).fit(SparseStream(30, crash_at=13))
+            Trainer(every_sae(), train_cfg(), run_dir=tmp_path).fit(SparseStream(30, crash_at=13))
         resume_step = 10
 
     resumed = Trainer.resume(tmp_path)
@@ -112,7 +117,7 @@ def test_resumed_run_is_bit_identical(tmp_path, straight_run, interruption):
 def test_checkpoint_that_latest_never_pointed_to_is_replaced(tmp_path, straight_run):
     # As if killed after renaming step_00000010 into place but before updating `latest`.
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(four_saes(), train_cfg(), run_dir=tmp_path).fit(SparseStream(30, crash_at=12))
+        Trainer(every_sae(), train_cfg(), run_dir=tmp_path).fit(SparseStream(30, crash_at=12))
     (tmp_path / "checkpoints" / "latest").write_text("step_00000005\n")
     resumed = Trainer.resume(tmp_path)
     assert resumed.step == 5
@@ -162,7 +167,7 @@ def test_resume_replays_a_stream_that_draws_from_the_global_generator(tmp_path):
 
 
 def test_leftovers_of_an_interrupted_write_are_ignored_and_cleaned(tmp_path):
-    Trainer(four_saes(), train_cfg(total_steps=10), run_dir=tmp_path).fit(SparseStream(10))
+    Trainer(every_sae(), train_cfg(total_steps=10), run_dir=tmp_path).fit(SparseStream(10))
     ckpts = tmp_path / "checkpoints"
     partial = ckpts / ".step_00000015.tmp"
     (partial / "saes" / "topk").mkdir(parents=True)
@@ -174,7 +179,7 @@ def test_leftovers_of_an_interrupted_write_are_ignored_and_cleaned(tmp_path):
 
 
 def test_dangling_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path):
-    Trainer(four_saes(), train_cfg(total_steps=10), run_dir=tmp_path).fit(SparseStream(10))
+    Trainer(every_sae(), train_cfg(total_steps=10), run_dir=tmp_path).fit(SparseStream(10))
     (tmp_path / "checkpoints" / "latest").write_text("step_00000099\n")
     assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000010"
     (tmp_path / "checkpoints" / "latest").unlink()
@@ -187,19 +192,19 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
 
 
 def test_resume_with_a_shorter_stream_says_so(tmp_path):
-    Trainer(four_saes(), train_cfg(total_steps=10), run_dir=tmp_path).fit(SparseStream(10))
+    Trainer(every_sae(), train_cfg(total_steps=10), run_dir=tmp_path).fit(SparseStream(10))
     resumed = Trainer.resume(tmp_path, cfg=train_cfg(total_steps=20))
     with pytest.raises(ValueError, match="ended after 4 batches while skipping the 10 this run has already"):
         resumed.fit(SparseStream(4))
 
 
 def test_bad_batch_keeps_earlier_checkpoints(tmp_path):
-    trainer = Trainer(four_saes(), train_cfg(), run_dir=tmp_path)
+    trainer = Trainer(every_sae(), train_cfg(), run_dir=tmp_path)
     with pytest.raises(BatchError, match="^batch 7 has 100 columns"):
         trainer.fit(SparseStream(30, bad={7: torch.randn(B, 100)}))
     assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000005"
     saes, state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path))
-    assert state["step"] == 5 and set(saes) == {"topk", "gated", "relu", "switch"}
+    assert state["step"] == 5 and set(saes) == set(every_sae())
     resumed = Trainer.resume(tmp_path)
     resumed.fit(SparseStream(30))
     assert resumed.step == 30

@@ -1,5 +1,6 @@
-"""What every SAE architecture shares: the output types, the config base, the unit-norm decoder
-step, geometric-median initialisation and the sparse encode/decode used by TopK and Switch.
+"""What every SAE architecture shares: the interface (:class:`BaseSAE`: what the trainer, the
+evaluator, io and the feature browser call), the output types, the config base, the unit-norm decoder
+step, geometric-median initialisation and the sparse encode/decode of the k-sparse architectures.
 
 Shape suffixes: B batch, D model dim (d_in), F latents (d_sae), K active latents per token,
 E experts.
@@ -397,6 +398,12 @@ def pad_rows(row_N: Tensor, col_N: Tensor, val_N: Tensor, n_rows: int) -> tuple[
     vals_BK[row_N, slot_N] = val_N
     idx_BK[row_N, slot_N] = col_N
     return vals_BK, idx_BK
+
+
+def warmup_scale(step: int, warmup_steps: int) -> float:
+    """A penalty coefficient's linear warm-up: (step + 1) / warmup_steps for the 0-based optimiser
+    step, 1 from then on (and always, with no warm-up)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
 def check_k(k: int, width: int, what: str) -> None:

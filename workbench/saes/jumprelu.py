@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import BaseSAE, Code, SAEConfig, SAEOutput, geometric_median, init_tied_weights
+from .base import (BaseSAE, Code, SAEConfig, SAEOutput, geometric_median, init_tied_weights,
+                   warmup_scale)
 from .relu import check_l2_reduction, l2_loss
 
 
@@ -153,8 +154,7 @@ class JumpReLUSAE(BaseSAE):
             self.b_enc.copy_(-(self.b_dec @ self.W_enc))
 
     def on_step(self, step: int) -> None:
-        warmup = self.cfg.l0_warmup_steps
-        self.l0_scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        self.l0_scale = warmup_scale(step, self.cfg.l0_warmup_steps)
 
     def _pre_acts(self, x_BD: Tensor) -> Tensor:
         x_in_BD = x_BD - self.b_dec if self.cfg.apply_b_dec_to_input else x_BD

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import BaseSAE, Code, SAEConfig, SAEOutput, geometric_median, init_tied_weights
+from .base import (BaseSAE, Code, SAEConfig, SAEOutput, geometric_median, init_tied_weights,
+                   warmup_scale)
 
 L2_REDUCTIONS = ("mean", "sum")
 
@@ -71,8 +72,7 @@ class ReLUSAE(BaseSAE):
         self.b_dec.copy_(geometric_median(x_BD))
 
     def on_step(self, step: int) -> None:
-        warmup = self.cfg.l1_warmup_steps
-        self.l1_scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        self.l1_scale = warmup_scale(step, self.cfg.l1_warmup_steps)
 
     def _latents(self, x_BD: Tensor) -> Tensor:
         return torch.relu((x_BD - self.b_dec) @ self.W_enc + self.b_enc)

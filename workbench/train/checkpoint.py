@@ -95,8 +95,9 @@ def remove_partial_writes(run_dir: str | Path) -> list[Path]:
 def load_checkpoint(folder: str | Path) -> tuple[dict[str, BaseSAE], dict[str, Any]]:
     """The SAEs (architecture and weights from their folders) and the trainer state of a checkpoint.
 
-    The state's per-SAE ``module`` entries also hold the buffers (e.g. TopK's ``tokens_since_fired``)
-    that the SAE folders leave out; ``Trainer.load_state_dict`` applies them.
+    The state's per-SAE ``module`` entries are the modules' whole state dicts (BatchTopK's
+    ``threshold`` buffer included), and the trainer's own per-SAE state (optimiser, schedule, firing
+    counter); ``Trainer.load_state_dict`` applies them.
     """
     folder = Path(folder)
     try:
