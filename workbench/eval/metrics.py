@@ -85,10 +85,12 @@ class FiringStats:
         if code.d_sae != self.d_sae:
             raise ValueError(f"code has d_sae={code.d_sae} but these FiringStats track {self.d_sae} latents")
         counts_F = code.fire_counts()
+        if self.fire_counts_F.device != counts_F.device:  # follow the SAE's device (once)
+            self.fire_counts_F = self.fire_counts_F.to(counts_F.device)
+            self.tokens_since_fired_F = self.tokens_since_fired_F.to(counts_F.device)
         n_tokens = code.acts.shape[0]
-        self.fire_counts_F = self.fire_counts_F.to(counts_F.device) + counts_F
-        self.tokens_since_fired_F = self.tokens_since_fired_F.to(counts_F.device) + n_tokens
-        self.tokens_since_fired_F.masked_fill_(counts_F > 0, 0)
+        self.fire_counts_F += counts_F
+        self.tokens_since_fired_F.add_(n_tokens).masked_fill_(counts_F > 0, 0)
         self.tokens_seen += n_tokens
 
     def silent_for(self, n_tokens: int) -> Tensor:
