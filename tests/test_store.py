@@ -3,15 +3,23 @@ damaged folders, and the shuffled bounded-buffer batches. Fake producers, tiny s
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import math
 import os
+import re
+import shutil
+import threading
+import time
 import tracemalloc
+import types
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from workbench.data import cache_writer
 from workbench.data.store import (ActivationStore, CacheError, CacheKey, PARTIAL_SUFFIX,
                                   default_cache_root)
 from workbench.data.types import ActivationChunk, TokenBatch
@@ -123,6 +131,25 @@ def test_key_digest_is_stable_and_names_the_folder(monkeypatch, tmp_path):
     assert default_cache_root() == tmp_path
     monkeypatch.delenv("WORKBENCH_CACHE")
     assert default_cache_root() == default_cache_root().home() / ".cache" / "sae-workbench"
+
+
+def test_a_float32_key_keeps_the_folder_it_had_before_keys_had_a_dtype():
+    # Digest computed by the store before CacheKey had a dtype field: caches harvested then are found.
+    key = CacheKey(model="sentence-transformers/all-MiniLM-L6-v2", site="resid_post.2", text="cpython:train",
+                   n_tokens=60_000, context_length=128)
+    assert key.dtype == "float32" and "dtype" not in key.to_dict()
+    assert key.digest() == "e3cb66340c93"
+    assert key.folder_name() == "all-MiniLM-L6-v2__resid_post.2__cpython_train__60k-L128__e3cb66340c93"
+    assert dataclasses.replace(key, dtype="float32") == key
+
+    half = dataclasses.replace(key, dtype="bfloat16")
+    assert half.to_dict()["dtype"] == "bfloat16" and half.digest() != key.digest()
+    assert half.folder_name() == ("all-MiniLM-L6-v2__resid_post.2__cpython_train__60k-L128-bfloat16__"
+                                  + half.digest())
+    assert dataclasses.replace(key, dtype="float16").digest() not in (key.digest(), half.digest())
+    with pytest.raises(ValueError, match="CacheKey.dtype='int8' is not a cache dtype; use one of 'float32', "
+                                         "'float16', 'bfloat16'"):
+        dataclasses.replace(key, dtype="int8")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -406,3 +433,229 @@ def test_norm_scale_makes_the_mean_squared_norm_d(tmp_path):
     assert (s * x).pow(2).sum(dim=1).mean().item() == pytest.approx(D, rel=1e-5)
     assert ActivationStore.open(store.folder).meta["norm_scale"] == {"n_sample": 300, "seed": 0, "value": s}
     assert ActivationStore.open(store.folder).norm_scale(n_sample=300) == s
+
+
+# -------------------------------------------------------------------------------------------------
+# Half-precision caches
+
+# Bytes each cached activation takes on disk, per cache dtype.
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rounded(acts_ND: np.ndarray, dtype: str) -> np.ndarray:
+    """What a cache of this dtype should give back: torch's own rounding of the float32 values."""
+    return torch.from_numpy(acts_ND).to(TORCH_DTYPE[dtype]).float().numpy()
+
+
+@pytest.fixture(scope="module")
+def stores_by_dtype(tmp_path_factory) -> dict[str, ActivationStore]:
+    root = tmp_path_factory.mktemp("dtypes")  # one root: the dtype alone must keep them apart
+    return {dtype: harvest(root, FakeProducer(), make_key(dtype=dtype)) for dtype in ITEMSIZE}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_reads_give_torchs_rounding_as_float32(stores_by_dtype, dtype):
+    store = stores_by_dtype[dtype]
+    expected_ND = rounded(FakeProducer().reference()["acts"], dtype)
+    assert not np.array_equal(expected_ND, FakeProducer().reference()["acts"])  # rounding did happen
+    got = store.read_rows(0, store.n_rows)
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected_ND)
+    assert np.array_equal(store.read_rows(100, 200).numpy(), expected_ND[100:200])  # across shards
+
+    batches = list(store.batches(32, seed=0, buffer_rows=128, drop_last=False))
+    assert all(b.dtype == torch.float32 for b in batches)
+    assert np.array_equal(np.unique(torch.cat(batches).numpy(), axis=0), np.unique(expected_ND, axis=0))
+    scaled = next(store.batches(32, seed=0, buffer_rows=128, scale=0.5))
+    assert scaled.dtype == torch.float32 and torch.allclose(scaled, 0.5 * batches[0])
+
+    sample = store.sample(100, seed=4)
+    float32_sample = stores_by_dtype["float32"].sample(100, seed=4)  # the same rows, drawn unrounded
+    assert sample.dtype == torch.float32
+    assert np.array_equal(sample.numpy(), rounded(float32_sample.numpy(), dtype))
+    for shard in (0, store.n_shards - 1):
+        start = int(store._row_starts[shard])
+        shard_ND = store.shard_acts(shard)
+        assert shard_ND.dtype == np.float32
+        assert np.array_equal(shard_ND, expected_ND[start:start + store.shard_rows[shard]])
+        n = store.shard_rows[shard]
+        rows_R = np.array([n - 1, 0, n // 2])  # what the feature index gathers
+        assert np.array_equal(store.read_shard_rows(shard, rows_R), expected_ND[start + rows_R])
+    x64 = torch.from_numpy(expected_ND).double()
+    # The scale comes from the stored values, so it is the rounded rows' own: E||s·x||² = D.
+    s = store.norm_scale(n_sample=10**6)
+    assert (s * s * x64.pow(2).sum(1).mean()).item() == pytest.approx(D, rel=1e-9)
+
+
+def test_bytes_on_disk_per_row(stores_by_dtype):
+    for dtype, store in stores_by_dtype.items():
+        meta = json.loads((store.folder / "meta.json").read_text())
+        assert meta["dtype"] == dtype and store.dtype == dtype
+        data_bytes = 0
+        for i in range(store.n_shards):
+            path = store.folder / f"acts_{i:05d}.npy"
+            with open(path, "rb") as f:
+                np.lib.format.read_magic(f)
+                np.lib.format.read_array_header_1_0(f)
+                data_bytes += path.stat().st_size - f.tell()
+        assert data_bytes / store.n_rows == D * ITEMSIZE[dtype], dtype
+
+
+def test_a_key_with_another_dtype_is_another_folder(stores_by_dtype, tmp_path):
+    folders = {store.folder for store in stores_by_dtype.values()}
+    assert len(folders) == 3 and len({folder.parent for folder in folders}) == 1
+    f32, bf16 = stores_by_dtype["float32"], stores_by_dtype["bfloat16"]
+    with pytest.raises(CacheError, match="was made for dtype=bfloat16, not dtype=float32; use another"):
+        ActivationStore.open(bf16.folder, expect=f32.key)
+    # open checks the files against the dtype meta.json records
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bf16.folder, damaged)
+    shutil.copy(f32.folder / "acts_00000.npy", damaged / "acts_00000.npy")
+    with pytest.raises(CacheError, match=rf"is damaged: acts_00000.npy holds \(64, {D}\) float32, expected "
+                                         rf"\(64, {D}\) uint16; delete the folder"):
+        ActivationStore.open(damaged)
+
+
+def with_value(producer: FakeProducer, seq: int, value: float, col: int = 5):
+    """The producer, with entry ``col`` of the first row of context ``seq`` set to ``value``."""
+    def produce(start):
+        for chunk in producer(start):
+            hit = np.flatnonzero(chunk.seq_N.numpy() == seq)
+            if len(hit):
+                chunk.acts_ND[hit[0], col] = value
+            yield chunk
+    return produce
+
+
+def first_row_of(seq: int) -> int:
+    return int(np.searchsorted(FakeProducer().reference()["seq"], seq))
+
+
+def test_float16_refuses_values_it_would_store_as_inf(tmp_path):
+    seq = 42
+    assert FakeProducer().context(seq)[2].shape[0] > 0  # context 42 has rows
+    key = make_key(dtype="float16")
+    with pytest.raises(ValueError, match="chunk 8 has 1 activations with |x| > 65504, the largest float16 "
+                                         "value; harvest with cache_dtype bfloat16 or float32"):
+        harvest(tmp_path, with_value(FakeProducer(), seq, -70_000.0), key)
+    assert list(tmp_path.iterdir()) == [tmp_path / (key.folder_name() + ".lock")]  # no partial left
+
+    edge = harvest(tmp_path, with_value(FakeProducer(), seq, 65504.0), key)  # float16's max is kept
+    bf16 = harvest(tmp_path, with_value(FakeProducer(), seq, -70_000.0), make_key(dtype="bfloat16"))
+    row = first_row_of(seq)
+    assert edge.read_rows(row, row + 1)[0, 5].item() == 65504.0
+    stored = bf16.read_rows(row, row + 1)[0, 5].item()
+    assert stored == rounded(np.float32([-70_000.0]), "bfloat16")[0] == -70144.0
+
+
+# -------------------------------------------------------------------------------------------------
+# Extreme activations
+
+
+def test_extreme_activations_are_counted_and_reported_once(tmp_path):
+    seq = 42  # chunk 8: the bound comes from chunk 0, which the value cannot inflate
+    producer = with_value(FakeProducer(), seq, 3e38)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = harvest(tmp_path, producer, make_key(n_tokens=400))
+    first_chunk_ND = np.concatenate([FakeProducer().context(s)[2] for s in range(5)]).astype(np.float64)
+    bound = 1e6 * math.sqrt(np.mean(first_chunk_ND ** 2))
+    assert store.meta["n_extreme"] == 1 and store.meta["extreme_bound"] == pytest.approx(bound, rel=1e-12)
+    row = first_row_of(seq)
+    assert store.read_rows(row, row + 1)[0, 5].item() == np.float32(3e38)  # stored, finite
+    reports = [str(w.message) for w in caught if "have |x| >" in str(w.message)]
+    assert reports == [f"1 activations of {store.folder.name} have |x| > {bound:.3g} (1e+06 x the first "
+                       f"chunk's RMS value), e.g. at context seq {seq}, pos 0; such values dominate an SAE's "
+                       f"loss: set drop_outliers or check the site (meta.json n_extreme)"]
+
+    clean = harvest(tmp_path, FakeProducer(), make_key(n_tokens=400, options="clean"))
+    assert clean.meta["n_extreme"] == 0
+
+
+def test_the_extreme_count_survives_a_resumed_harvest(tmp_path):
+    key = make_key()
+    seq = 12  # in the first shard, written before the crash
+    assert first_row_of(seq) < 64
+    with pytest.raises(RuntimeError, match="crashed"):
+        harvest(tmp_path, with_value(FakeProducer(fail_after_rows=160), seq, 3e38), key)
+    with pytest.warns(UserWarning, match=f"1 activations of .* e.g. at context seq {seq}, pos 0"):
+        store = harvest(tmp_path, FakeProducer(), key)  # the resumed part holds no extreme value
+    assert store.meta["n_extreme"] == 1
+
+
+# -------------------------------------------------------------------------------------------------
+# Full disk
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_removes_the_partial_harvest_and_says_what_it_needs(tmp_path, monkeypatch, code):
+    write_npy = cache_writer._write_npy
+    calls = []
+
+    def fills_up(path, *args):
+        calls.append(path.name)
+        if len(calls) == 10:  # inside the second shard: the first one is on disk
+            raise OSError(code, os.strerror(code), str(path))
+        write_npy(path, *args)
+
+    monkeypatch.setattr(cache_writer, "_write_npy", fills_up)
+    key = make_key(n_tokens=100_000)  # 100,000 x (16 x 4 + 16) bytes
+    with pytest.raises(CacheError) as caught:
+        harvest(tmp_path, FakeProducer(), key)
+    assert caught.match(rf"^no space left on {re.escape(str(tmp_path))}: this harvest needs about 8 MB \(100,000 rows of "
+                        rf"{D} float32 values \+ 16 index bytes; [\d,]+ MB free\); free space or point "
+                        rf"WORKBENCH_CACHE at a bigger disk$")
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__  # one line, no chain
+    assert calls[:7] == ["acts_00000.npy", "token_ids_00000.npy", "seq_00000.npy", "pos_00000.npy",
+                         "ctx_input_ids_00000.npy", "ctx_mask_00000.npy", "ctx_seq_00000.npy"]
+    assert list(tmp_path.iterdir()) == [tmp_path / (key.folder_name() + ".lock")]
+
+    monkeypatch.setattr(cache_writer, "_write_npy", write_npy)
+    again = FakeProducer()
+    assert harvest(tmp_path, again, key).n_rows == len(FakeProducer().reference()["seq"])
+    assert again.calls == [0]
+
+
+def test_a_harvest_bigger_than_the_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**9, used=0,
+                                                                                 free=5_000_000))
+    written = []
+    write_npy = cache_writer._write_npy
+    monkeypatch.setattr(cache_writer, "_write_npy",
+                        lambda path, *args: (written.append(path), write_npy(path, *args)))
+    key = make_key(n_tokens=100_000)
+    with pytest.raises(CacheError, match=rf"^no space left on {re.escape(str(tmp_path))}: this harvest needs about 8 MB "
+                                         rf"\(100,000 rows of {D} float32 values \+ 16 index bytes; "
+                                         rf"5 MB free\); free space or point WORKBENCH_CACHE at a bigger "
+                                         rf"disk$"):
+        harvest(tmp_path, FakeProducer(), key)
+    assert written == [] and list(tmp_path.iterdir()) == [tmp_path / (key.folder_name() + ".lock")]
+    # In float16 the same harvest needs 100,000 x (16 x 2 + 16) bytes = 4.8 MB, and fits.
+    assert harvest(tmp_path, FakeProducer(), make_key(n_tokens=100_000, dtype="float16")).dtype == "float16"
+
+
+# -------------------------------------------------------------------------------------------------
+# The lock
+
+
+def test_concurrent_harvests_of_one_key_harvest_it_once(tmp_path):
+    class SlowProducer(FakeProducer):
+        def __call__(self, start):
+            for chunk in super().__call__(start):
+                time.sleep(0.005)  # long enough for the other thread to reach the lock
+                yield chunk
+
+    producers = [SlowProducer(), SlowProducer()]
+    stores = [None, None]
+
+    def run(i):
+        stores[i] = harvest(tmp_path, producers[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(len(p.calls) for p in producers) == [0, 1]  # one harvested, the other waited and reused
+    assert stores[0].folder == stores[1].folder
+    assert_same_store(stores[0], stores[1])

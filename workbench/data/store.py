@@ -1,7 +1,7 @@
 """The on-disk activation cache: harvest a model's activations once, train and browse many times.
 
     key = CacheKey(model="all-MiniLM-L6-v2", site="blocks.3.hook_resid_post", text="cpython:train",
-                   n_tokens=500_000, context_length=128)
+                   n_tokens=500_000, context_length=128)      # dtype="bfloat16" for half the disk
     store = ActivationStore.get_or_create(default_cache_root(), key, produce)   # harvest or reuse
     stream = store.batches(4096, seed=0, epochs=None, scale=store.norm_scale())  # for Trainer.fit
 
@@ -10,12 +10,17 @@ starting at the context whose ``seq`` is ``start_context`` (it may start earlier
 batch boundary: rows already stored are dropped). It must be deterministic, as a resumed harvest
 trusts it to yield the same rows again.
 
+The cache is three modules, one job each: :mod:`.cache_key` names a harvest (:class:`CacheKey`),
+:mod:`.cache_writer` writes one (resumably; its docstring has the resume protocol, the lock and
+the full-disk rules), and this one reads a finished one, whatever its stored dtype, as float32.
+
 Folder layout, ``<cache_root>/<key.folder_name()>/`` (plain ``.npy``, always read with
 ``allow_pickle=False``)::
 
-    meta.json                 the key, d, dtype, n_rows, n_contexts, shard row counts, "complete": true
-    acts_00000.npy            (rows, D) float32 activations of shard 0; shards hold shard_rows rows,
-                              the last one fewer
+    meta.json                 the key, d, dtype, n_rows, n_contexts, shard row counts, n_extreme,
+                              "complete": true
+    acts_00000.npy            (rows, D) activations of shard 0 in the key's dtype: float32, float16,
+                              or bfloat16 as uint16 bits; shards hold shard_rows rows, the last fewer
     token_ids_00000.npy       (rows,) int32  the token at each row
     seq_00000.npy             (rows,) int64  the context each row comes from (TokenBatch.seq_S)
     pos_00000.npy             (rows,) int32  the row's position in its context
@@ -23,33 +28,14 @@ Folder layout, ``<cache_root>/<key.folder_name()>/`` (plain ``.npy``, always rea
     contexts_mask.npy         (C, L) uint8   their attention masks
     contexts_seq.npy          (C,)   int64   their seq values
 
-Resume protocol. A harvest writes into ``<folder>.partial/``. Whenever ``shard_rows`` rows have
-arrived they are written as one shard, with the contexts finished so far (``ctx_*_00000.npy``), every
-file fsynced; then ``progress.json`` is replaced atomically by one that adds the shard and where the
-harvest continues after it: ``next_context`` (the seq to restart ``produce`` at) and ``skip_rows``
-(rows of that context already stored, as a shard may end inside a context). An interrupted harvest
-so loses only the shard being filled: the next ``get_or_create`` checks every file progress.json
-names, deletes the rest and calls ``produce(next_context)``; if the check fails, the partial folder
-is discarded and the harvest starts again. At the end the contexts are gathered into one table,
-meta.json is written with ``"complete": true`` and fsynced, and the folder is renamed into place in
-one step, so a folder without a complete meta.json is never opened. On POSIX a lock file,
-``<folder>.lock``, makes a second process that wants the same key wait for the first one's harvest
-and then reuse it.
+A harvest in progress lives in ``<folder>.partial/`` and is renamed into place when complete, so a
+folder without a complete meta.json is never opened.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import itertools
-import json
 import math
-import os
-import re
-import shutil
-import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -57,29 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ..fsutil import fsync_path, write_text_atomic
-from .types import ActivationChunk, TokenBatch
+from .cache_files import (ACTS_STORAGE, CONTEXT_DTYPES, FORMAT, INDEX_DTYPES, META_FILE, PARTIAL_SUFFIX,
+                          CacheError, check_file, context_file, is_int, read_json, shard_file,
+                          write_json_atomic)
+from .cache_key import CACHE_ENV, CacheKey, default_cache_root
+from .cache_writer import harvest_into
+from .types import ActivationChunk
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory file locks, so two harvests of one key must not overlap
-    fcntl = None
+__all__ = ["CACHE_ENV", "PARTIAL_SUFFIX", "ActivationStore", "CacheError", "CacheKey", "default_cache_root"]
 
-FORMAT = 1
-META_FILE = "meta.json"
-PROGRESS_FILE = "progress.json"
-PARTIAL_SUFFIX = ".partial"
-LOCK_SUFFIX = ".lock"
-CACHE_ENV = "WORKBENCH_CACHE"
-
-# Per-row arrays of a shard, and the contexts table, with the dtypes they are stored in.
-_ROW_DTYPES = {"acts": np.float32, "token_ids": np.int32, "seq": np.int64, "pos": np.int32}
-_CONTEXT_DTYPES = {"input_ids": np.int32, "mask": np.uint8, "seq": np.int64}
-# The files of one shard while harvesting: its rows, and the contexts finished by its end.
-_SHARD_DTYPES = _ROW_DTYPES | {f"ctx_{field}": dtype for field, dtype in _CONTEXT_DTYPES.items()}
-_INT32_MAX = np.iinfo(np.int32).max
 # Leading words of the numpy seed sequences, so sample(seed=s) and batches(seed=s) never share draws.
 _SAMPLE, _BATCHES = 1, 2
 # batches() reads shards in blocks of buffer_rows // _BLOCKS_PER_BUFFER rows, so a full buffer
@@ -87,70 +60,12 @@ _SAMPLE, _BATCHES = 1, 2
 _BLOCKS_PER_BUFFER = 16
 
 
-class CacheError(RuntimeError):
-    """A cache folder that cannot be used as asked: unfinished, made for another key, or damaged."""
-
-
-def default_cache_root() -> Path:
-    """Where harvests are cached: ``$WORKBENCH_CACHE`` if set, else ``~/.cache/sae-workbench``.
-
-    One root for every notebook and run on a machine, so a harvest made once is reused by all of
-    them; point ``WORKBENCH_CACHE`` at a bigger or shared disk for paper-sized harvests."""
-    return Path(os.environ.get(CACHE_ENV) or "~/.cache/sae-workbench").expanduser()
-
-
-@dataclass(frozen=True)
-class CacheKey:
-    """Everything that decides which rows a harvest writes. Harvests with equal keys are
-    interchangeable, so the key names the cache folder, and any change to it is a new harvest."""
-
-    model: str
-    """Model name or path, e.g. "sentence-transformers/all-MiniLM-L6-v2"."""
-    site: str
-    """Where in the model the activations are read, e.g. "blocks.3.hook_resid_post"."""
-    text: str
-    """The text source: a description such as "cpython:train", or a dataset name/path and split."""
-    n_tokens: int
-    """Token budget asked for: the harvest stops after this many rows (fewer if the text runs out)."""
-    context_length: int
-    """Tokens per context (L)."""
-    options: str = ""
-    """Anything else that changes the rows, e.g. "exclude_special,drop_outliers=10"."""
-
-    def __post_init__(self) -> None:
-        for name in ("model", "site", "text", "options"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or (name != "options" and not value):
-                raise ValueError(f"CacheKey.{name}={value!r} must be a non-empty string")
-        for name in ("n_tokens", "context_length"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"CacheKey.{name}={value!r} must be a positive integer")
-            object.__setattr__(self, name, int(value))  # a numpy integer would not go into JSON
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def digest(self) -> str:
-        """12 hex digits of the sha256 of the key's sorted JSON: the same on every run and machine,
-        unlike ``hash()``, so a folder name found on disk can be recomputed from the key."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    def folder_name(self) -> str:
-        """A readable slug followed by the digest, which alone decides identity, e.g.
-        ``all-MiniLM-L6-v2__blocks.3.hook_resid_post__cpython_train__500k-L128__1f0c9e0d2a7b``."""
-        model = self.model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-        parts = [_slug(model), _slug(self.site), _slug(self.text),
-                 f"{_count(self.n_tokens)}-L{self.context_length}", self.digest()]
-        return "__".join(parts)
-
-
 class ActivationStore:
-    """A finished activation cache folder (layout and protocol in the module docstring).
+    """A finished activation cache folder (layout in the module docstring).
 
     Get one with :meth:`get_or_create` or :meth:`open`. Activations stay on disk: :meth:`batches`,
-    :meth:`read_rows` and :meth:`sample` read what they need, so a cache may be larger than memory.
+    :meth:`read_rows`, :meth:`read_shard_rows` and :meth:`sample` read what they need, so a cache may
+    be larger than memory, and all of them give float32 whatever ``dtype`` the cache stores.
     The per-row ``token_ids``, ``seq`` and ``pos`` arrays are loaded whole on first use.
     """
 
@@ -160,6 +75,8 @@ class ActivationStore:
         self.meta = meta
         self.key = CacheKey(**meta["key"])
         self.d: int = meta["d"]
+        self.dtype: str = self.key.dtype
+        self._stored = ACTS_STORAGE[self.dtype]
         self.n_rows: int = meta["n_rows"]
         self.n_contexts: int = meta["n_contexts"]
         self.shard_rows: list[int] = list(meta["shard_rows"])
@@ -178,19 +95,17 @@ class ActivationStore:
         ``produce(start_context)``, resuming an interrupted harvest of the same key.
 
         ``shard_rows`` rows go in each shard file; an interruption loses at most one shard of work.
-        ``progress`` shows a tqdm bar over tokens.
+        ``progress`` shows a tqdm bar over tokens. A harvest that does not fit on the disk raises a
+        CacheError and leaves nothing behind (see :mod:`.cache_writer`).
         """
         if not isinstance(key, CacheKey):
             raise TypeError(f"key is a {type(key).__name__}; pass a workbench.data.store.CacheKey")
-        if not _is_int(shard_rows) or shard_rows <= 0:
+        if not is_int(shard_rows) or shard_rows <= 0:
             raise ValueError(f"shard_rows={shard_rows!r} must be a positive integer")
         root = Path(cache_root) if cache_root is not None else default_cache_root()
         folder = root / key.folder_name()
         if not folder.exists():
-            root.mkdir(parents=True, exist_ok=True)
-            with _locked(root / f"{folder.name}{LOCK_SUFFIX}"):
-                if not folder.exists():  # else another process finished it while this one waited
-                    _Harvest(folder, key, shard_rows, progress).run(produce)
+            harvest_into(folder, key, produce, shard_rows=shard_rows, progress=progress)
         return cls.open(folder, expect=key)
 
     @classmethod
@@ -201,7 +116,7 @@ class ActivationStore:
         if not folder.is_dir():
             raise FileNotFoundError(f"no activation cache at {folder}; harvest one with "
                                     f"ActivationStore.get_or_create(cache_root, key, produce)")
-        meta = _read_json(folder / META_FILE)
+        meta = read_json(folder / META_FILE)
         if meta is None or meta.get("complete") is not True:
             raise CacheError(f"{folder} is an unfinished harvest (no complete meta.json); rerun the "
                              f"harvest (ActivationStore.get_or_create with the same key) to resume it")
@@ -212,31 +127,36 @@ class ActivationStore:
             made = CacheKey(**meta["key"])
             n_rows, n_contexts, d = meta["n_rows"], meta["n_contexts"], meta["d"]
             shard_rows = meta["shard_rows"]
-            consistent = (sum(shard_rows) == n_rows and meta["n_shards"] == len(shard_rows)
-                          and meta["dtype"] == "float32")
+            consistent = sum(shard_rows) == n_rows and meta["n_shards"] == len(shard_rows)
+            dtype = meta["dtype"]
         except (KeyError, TypeError, ValueError) as exc:
             raise CacheError(f"cache folder {folder} is damaged: meta.json is unreadable ({exc}); "
                              f"delete the folder and harvest again") from None
         if not consistent:
             raise CacheError(f"cache folder {folder} is damaged: meta.json's shard row counts do not "
                              f"add up to n_rows={n_rows}; delete the folder and harvest again")
+        if dtype != made.dtype:
+            raise CacheError(f"cache folder {folder} is damaged: meta.json says dtype {dtype!r} but its "
+                             f"key says {made.dtype!r}; delete the folder and harvest again")
         if expect is not None and made != expect:
             raise CacheError(_mismatch(folder, made, expect))
 
         acts_offsets = []
+        stored = ACTS_STORAGE[made.dtype]
         for i, rows in enumerate(shard_rows):
-            acts_offsets.append(_check_file(folder, _shard_file("acts", i), (rows, d), np.float32))
-            for field in ("token_ids", "seq", "pos"):
-                _check_file(folder, _shard_file(field, i), (rows,), _ROW_DTYPES[field])
+            acts_offsets.append(check_file(folder, shard_file("acts", i), (rows, d), stored))
+            for field, dtype in INDEX_DTYPES.items():
+                check_file(folder, shard_file(field, i), (rows,), dtype)
         L = made.context_length
-        for field, dtype in _CONTEXT_DTYPES.items():
+        for field, dtype in CONTEXT_DTYPES.items():
             shape = (n_contexts,) if field == "seq" else (n_contexts, L)
-            _check_file(folder, _context_file(field), shape, dtype)
+            check_file(folder, context_file(field), shape, dtype)
         return cls(folder, meta, acts_offsets)
 
     def __repr__(self) -> str:
+        dtype = "" if self.dtype == "float32" else f", dtype={self.dtype!r}"
         return (f"ActivationStore(model={self.key.model!r}, site={self.key.site!r}, "
-                f"n_rows={self.n_rows}, d={self.d}, n_contexts={self.n_contexts}, "
+                f"n_rows={self.n_rows}, d={self.d}{dtype}, n_contexts={self.n_contexts}, "
                 f"folder='{self.folder}')")
 
     # ---------------------------------------------------------------------------------------------
@@ -247,16 +167,32 @@ class ActivationStore:
         return len(self.shard_rows)
 
     def shard_acts(self, shard: int) -> np.ndarray:
-        """Shard ``shard``'s (rows, D) float32 activations, memory-mapped read-only (each call maps
-        the file anew, so many shards never hold many file descriptors at once)."""
-        if not _is_int(shard) or not 0 <= shard < self.n_shards:
+        """Shard ``shard``'s (rows, D) float32 activations: memory-mapped read-only from a float32
+        cache, decoded into memory (rows · D · 4 bytes) from a half-precision one. To pick a few rows,
+        :meth:`read_shard_rows` reads only those."""
+        if self.dtype == "float32":
+            return self._stored_acts(shard)
+        return self.read_shard_rows(shard, slice(None))
+
+    def read_shard_rows(self, shard: int, rows: np.ndarray | slice) -> np.ndarray:
+        """Rows ``rows`` (an index array or slice, numbered within the shard) of shard ``shard`` as a
+        float32 (R, D) array, reading only those rows from the file."""
+        stored_RD = self._stored_acts(shard)[rows]
+        out_RD = np.empty(stored_RD.shape, np.float32)
+        _decode_into(stored_RD, self.dtype, out_RD)
+        return out_RD
+
+    def _stored_acts(self, shard: int) -> np.ndarray:
+        """The acts file of a shard in its stored dtype, memory-mapped read-only (each call maps the
+        file anew, so many shards never hold many file descriptors at once)."""
+        if not is_int(shard) or not 0 <= shard < self.n_shards:
             raise IndexError(f"shard={shard!r} is out of range; this store has {self.n_shards} shards")
-        return np.load(self.folder / _shard_file("acts", shard), mmap_mode="r", allow_pickle=False)
+        return np.load(self.folder / shard_file("acts", shard), mmap_mode="r", allow_pickle=False)
 
     def read_rows(self, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` in harvest order as a (stop - start, D) float32 tensor, read as
         contiguous slices of the shard files (e.g. to run an SAE over the whole cache in pieces)."""
-        if not (_is_int(start) and _is_int(stop) and 0 <= start <= stop <= self.n_rows):
+        if not (is_int(start) and is_int(stop) and 0 <= start <= stop <= self.n_rows):
             raise IndexError(f"rows {start!r}:{stop!r} are out of range; this store has "
                              f"{self.n_rows} rows")
         out_ND = np.empty((stop - start, self.d), np.float32)
@@ -289,11 +225,11 @@ class ActivationStore:
     @cached_property
     def context_seq(self) -> np.ndarray:
         """(n_contexts,) int64: the seq of each context in the table, increasing."""
-        return np.load(self.folder / _context_file("seq"), allow_pickle=False)
+        return np.load(self.folder / context_file("seq"), allow_pickle=False)
 
     @cached_property
     def _context_tables(self) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(np.load(self.folder / _context_file(field), mmap_mode="r", allow_pickle=False)
+        return tuple(np.load(self.folder / context_file(field), mmap_mode="r", allow_pickle=False)
                      for field in ("input_ids", "mask"))
 
     def context(self, seq: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -314,7 +250,7 @@ class ActivationStore:
         """min(n, n_rows) distinct rows drawn at random (seeded), as an (n, D) float32 tensor in the
         order drawn: for normalisation statistics and the geometric-median init of b_pre."""
         _check_seed(seed)
-        if not _is_int(n) or n <= 0:
+        if not is_int(n) or n <= 0:
             raise ValueError(f"n={n!r} must be a positive integer")
         n = min(n, self.n_rows)
         rows_N = np.random.default_rng([_SAMPLE, seed]).choice(self.n_rows, n, replace=False)
@@ -325,7 +261,8 @@ class ActivationStore:
         for shard in range(self.n_shards):
             lo, hi = bounds[shard], bounds[shard + 1]
             if lo < hi:
-                out_ND[order_N[lo:hi]] = self.shard_acts(shard)[sorted_N[lo:hi] - self._row_starts[shard]]
+                rows_R = sorted_N[lo:hi] - self._row_starts[shard]
+                out_ND[order_N[lo:hi]] = self.read_shard_rows(shard, rows_R)
         return torch.from_numpy(out_ND)
 
     def norm_scale(self, n_sample: int = 65_536, seed: int = 0) -> float:
@@ -343,7 +280,7 @@ class ActivationStore:
         value = math.sqrt(self.d / mean_sq)
         self.meta["norm_scale"] = {"n_sample": n_sample, "seed": seed, "value": value}
         try:
-            _write_json_atomic(self.folder / META_FILE, self.meta)
+            write_json_atomic(self.folder / META_FILE, self.meta)
         except OSError:  # a read-only cache: the scale is just recomputed next time
             pass
         return value
@@ -361,18 +298,19 @@ class ActivationStore:
         seeded random order as contiguous slices into a buffer of ``buffer_rows`` rows, and draws
         each batch at random from the buffer, topping it up with the next block as it empties. Every
         row is yielded once per epoch (``drop_last`` drops the last, short batch of each epoch).
-        Memory stays near ``buffer_rows · D · 4`` bytes (+1/16) whatever the cache's size.
+        Memory stays near ``buffer_rows · D · 4`` bytes (+1/16) whatever the cache's size; a
+        half-precision cache is decoded block by block, so the same holds.
 
         ``epochs``: passes over the cache, None for endless. ``scale`` multiplies every batch, e.g.
         ``scale=store.norm_scale()``.
         """
         _check_seed(seed)
-        if not _is_int(batch_size) or batch_size <= 0:
+        if not is_int(batch_size) or batch_size <= 0:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-        if not _is_int(buffer_rows) or buffer_rows < batch_size:
+        if not is_int(buffer_rows) or buffer_rows < batch_size:
             raise ValueError(f"buffer_rows={buffer_rows!r} must be an integer >= batch_size={batch_size}; "
                              f"the buffer is what batches are drawn from")
-        if epochs is not None and (not _is_int(epochs) or epochs <= 0):
+        if epochs is not None and (not is_int(epochs) or epochs <= 0):
             raise ValueError(f"epochs={epochs!r} must be a positive integer, or None for endless")
         if scale is not None and not (isinstance(scale, (int, float, np.floating))
                                       and not isinstance(scale, bool) and 0 < scale < math.inf):
@@ -420,382 +358,35 @@ class ActivationStore:
     # ---------------------------------------------------------------------------------------------
 
     def _read_into(self, shard: int, start: int, stop: int, out_ND: np.ndarray) -> None:
-        """Read rows start:stop of a shard into out_ND with one contiguous file read."""
-        want = (stop - start) * self.d * 4
-        with open(self.folder / _shard_file("acts", shard), "rb") as f:
-            f.seek(self._acts_offsets[shard] + start * self.d * 4)
-            got = f.readinto(out_ND.reshape(-1).view(np.uint8))
-        if got != want:
-            raise CacheError(f"cache folder {self.folder} is damaged: {_shard_file('acts', shard)} "
+        """Read rows start:stop of a shard into out_ND (float32, C-contiguous) with one contiguous
+        file read, straight into out_ND from a float32 cache."""
+        stored_ND = out_ND if self._stored == np.float32 else np.empty(out_ND.shape, self._stored)
+        row_bytes = self.d * self._stored.itemsize
+        with open(self.folder / shard_file("acts", shard), "rb") as f:
+            f.seek(self._acts_offsets[shard] + start * row_bytes)
+            got = f.readinto(stored_ND.reshape(-1).view(np.uint8))
+        if got != (stop - start) * row_bytes:
+            raise CacheError(f"cache folder {self.folder} is damaged: {shard_file('acts', shard)} "
                              f"ended early; delete the folder and harvest again")
+        if stored_ND is not out_ND:
+            _decode_into(stored_ND, self.dtype, out_ND)
 
     def _concat_rows(self, field: str) -> np.ndarray:
-        return np.concatenate([np.load(self.folder / _shard_file(field, i), allow_pickle=False)
+        return np.concatenate([np.load(self.folder / shard_file(field, i), allow_pickle=False)
                                for i in range(self.n_shards)])
 
 
-# -------------------------------------------------------------------------------------------------
-# Harvesting
 
 
-class _Harvest:
-    """Writes one harvest into ``<folder>.partial`` and renames it into place when complete."""
-
-    def __init__(self, folder: Path, key: CacheKey, shard_rows: int, progress_bar: bool):
-        self.folder, self.key, self.shard_rows, self.progress_bar = folder, key, shard_rows, progress_bar
-        self.partial = folder.with_name(folder.name + PARTIAL_SUFFIX)
-        self.shards: list[dict[str, int]] = []  # completed shards, as recorded in progress.json
-        self.d: int | None = None
-        # Rows and contexts received but not yet in a completed shard, in stream order.
-        self.rows: list[dict[str, np.ndarray]] = []
-        self.n_pending = 0
-        self.contexts: list[dict[str, np.ndarray]] = []
-        self.last_seq = -1  # the largest context seq received (or stored) so far
-
-    def run(self, produce: Callable[[int], Iterable[ActivationChunk]]) -> None:
-        self._start_or_resume()
-        n_rows = sum(shard["rows"] for shard in self.shards)
-        limit = self.key.n_tokens
-        if self.shards:
-            last = self.shards[-1]
-            start, skip, resume_pos = last["next_context"], last["skip_rows"], last["last_pos"]
-        else:
-            start, skip, resume_pos = 0, 0, -1
-        with tqdm(total=limit, initial=n_rows, desc="harvest", unit="tok",
-                  disable=not self.progress_bar) as bar:
-            chunks = iter(produce(start)) if n_rows < limit else iter(())
-            try:
-                for index, chunk in enumerate(chunks):
-                    rows, contexts = _chunk_arrays(chunk, index, self.key.context_length, self.d)
-                    self.d = rows["acts"].shape[1]
-                    # A producer may restart before `start`: drop what the completed shards hold.
-                    rows = _select(rows, rows["seq"] >= start)
-                    contexts = _select(contexts, contexts["seq"] >= start)
-                    if not len(contexts["seq"]):
-                        continue
-                    if skip:
-                        if (contexts["seq"][0] != start or np.count_nonzero(rows["seq"] == start) < skip
-                                or rows["pos"][skip - 1] != resume_pos):
-                            raise CacheError(
-                                f"produce({start}) yielded other rows for context {start} than the "
-                                f"interrupted harvest stored; produce must be deterministic (delete "
-                                f"{self.partial} to harvest from scratch)")
-                        rows = _select(rows, slice(skip, None))
-                        skip = 0
-                    if contexts["seq"][0] <= self.last_seq:
-                        raise ValueError(f"chunk {index} starts at context {contexts['seq'][0]}, not "
-                                         f"after context {self.last_seq}; produce must yield contexts in "
-                                         f"increasing seq order")
-                    n_new = len(rows["seq"])
-                    reached = n_rows + n_new >= limit
-                    if reached:
-                        rows = _select(rows, slice(0, limit - n_rows))
-                        contexts = _select(contexts, contexts["seq"] <= rows["seq"][-1])
-                        n_new = limit - n_rows
-                    if n_new:
-                        self.rows.append(rows)
-                    self.contexts.append(contexts)
-                    self.n_pending += n_new
-                    self.last_seq = int(contexts["seq"][-1])
-                    n_rows += n_new
-                    bar.update(n_new)
-                    while self.n_pending >= self.shard_rows:
-                        self._write_shard(self.shard_rows)
-                    if reached:
-                        break
-            finally:
-                close = getattr(chunks, "close", None)
-                if close is not None:
-                    close()
-        if self.n_pending:
-            self._write_shard(self.n_pending)
-        if n_rows == 0:
-            shutil.rmtree(self.partial)
-            raise ValueError(f"produce yielded no activation rows for {self.key}; check that the "
-                             f"text source {self.key.text!r} is not empty")
-        if n_rows < limit:
-            warnings.warn(f"the text ran out after {n_rows} of the {limit} tokens asked for; the cache "
-                          f"{self.folder.name} holds {n_rows} rows (meta.json n_rows)", stacklevel=3)
-        self._finish(n_rows)
-
-    # ---------------------------------------------------------------------------------------------
-
-    def _start_or_resume(self) -> None:
-        """Load a resumable partial harvest (deleting the files of its unfinished shard), or start an
-        empty one, discarding a partial folder that does not check out."""
-        if self.partial.exists():
-            problem = self._load_progress()
-            if problem is None:
-                expected = {PROGRESS_FILE} | {_shard_file(field, i) for i in range(len(self.shards))
-                                              for field in _SHARD_DTYPES}
-                for path in self.partial.iterdir():
-                    if path.name not in expected:
-                        _remove(path)
-                return
-            if (self.partial / PROGRESS_FILE).exists():  # else no shard was finished: nothing lost
-                warnings.warn(f"discarding the unfinished harvest in {self.partial} ({problem}); "
-                              f"harvesting again from the start", stacklevel=4)
-            shutil.rmtree(self.partial)
-            self.shards, self.d, self.last_seq = [], None, -1
-        self.partial.mkdir(parents=True)
-
-    def _load_progress(self) -> str | None:
-        """Set shards, d and last_seq from progress.json; what is wrong with it, or None."""
-        progress = _read_json(self.partial / PROGRESS_FILE)
-        if progress is None:
-            return "progress.json is missing or unreadable"
-        try:
-            if progress["format"] != FORMAT or progress["key"] != self.key.to_dict():
-                return "progress.json is for another key or format"
-            shards, d = progress["shards"], progress["d"]
-            fields = ("rows", "contexts", "next_context", "skip_rows", "last_pos")
-            if not (shards and _is_int(d) and d > 0
-                    and all(isinstance(s, dict) and all(_is_int(s.get(f)) for f in fields) for s in shards)):
-                return "progress.json is malformed"
-        except (KeyError, TypeError):
-            return "progress.json is malformed"
-        L = self.key.context_length
-        for i, shard in enumerate(shards):
-            rows, n_ctx = shard["rows"], shard["contexts"]
-            expected = {"acts": (rows, d), "token_ids": (rows,), "seq": (rows,), "pos": (rows,),
-                        "ctx_input_ids": (n_ctx, L), "ctx_mask": (n_ctx, L), "ctx_seq": (n_ctx,)}
-            for field, shape in expected.items():
-                problem, _ = _file_problem(self.partial / _shard_file(field, i), shape, _SHARD_DTYPES[field])
-                if problem is not None:
-                    return problem
-        self.shards, self.d = shards, d
-        self.last_seq = shards[-1]["next_context"] - 1
-        return None
-
-    def _write_shard(self, n: int) -> None:
-        """Write the first n pending rows, and the contexts finished before the next row's context,
-        as the next shard; then record it in progress.json."""
-        index = len(self.shards)
-        taken = _take(self.rows, n)
-        self.n_pending -= n
-        last_seq, last_pos = int(taken[-1]["seq"][-1]), int(taken[-1]["pos"][-1])
-        # Where the harvest continues: the next pending row's context, or after every context seen.
-        next_context = int(self.rows[0]["seq"][0]) if self.n_pending else self.last_seq + 1
-        skip = 0
-        if next_context == last_seq:  # the shard ends inside a context
-            skip = sum(int(np.count_nonzero(piece["seq"] == last_seq)) for piece in taken)
-            if self.shards and self.shards[-1]["next_context"] == last_seq:
-                skip += self.shards[-1]["skip_rows"]
-        n_ctx = sum(int(np.count_nonzero(piece["seq"] < next_context)) for piece in self.contexts)
-        finished = _take(self.contexts, n_ctx)
-
-        for field, dtype in _ROW_DTYPES.items():
-            shape = (n, self.d) if field == "acts" else (n,)
-            _write_npy(self.partial / _shard_file(field, index), shape, dtype, [p[field] for p in taken])
-        for field, dtype in _CONTEXT_DTYPES.items():
-            _write_npy(self.partial / _shard_file(f"ctx_{field}", index), self._context_shape(field, n_ctx),
-                       dtype, [p[field] for p in finished])
-        self.shards.append({"rows": n, "contexts": n_ctx, "next_context": next_context,
-                            "skip_rows": skip, "last_pos": last_pos})
-        _write_json_atomic(self.partial / PROGRESS_FILE,
-                           {"format": FORMAT, "key": self.key.to_dict(), "d": self.d, "shards": self.shards})
-
-    def _finish(self, n_rows: int) -> None:
-        """Gather the contexts table, write meta.json and rename the folder into place."""
-        n_contexts = (sum(shard["contexts"] for shard in self.shards)
-                      + sum(len(piece["seq"]) for piece in self.contexts))
-        for field, dtype in _CONTEXT_DTYPES.items():
-            pieces = itertools.chain(  # one shard's contexts in memory at a time
-                (np.load(self.partial / _shard_file(f"ctx_{field}", i), allow_pickle=False)
-                 for i in range(len(self.shards))),
-                (piece[field] for piece in self.contexts))
-            _write_npy(self.partial / _context_file(field), self._context_shape(field, n_contexts), dtype,
-                       pieces)
-        shard_rows = [shard["rows"] for shard in self.shards]
-        meta = {"format": FORMAT, "complete": True, "key": self.key.to_dict(), "digest": self.key.digest(),
-                "d": self.d, "dtype": "float32", "n_rows": n_rows, "n_contexts": n_contexts,
-                "n_shards": len(shard_rows), "shard_rows": shard_rows,
-                "text_ran_out": n_rows < self.key.n_tokens}
-        _write_json_atomic(self.partial / META_FILE, meta)
-        os.rename(self.partial, self.folder)
-        fsync_path(self.folder.parent)
-        # Leftovers of the harvest; a crash before they go leaves harmless extra files.
-        for i in range(len(self.shards)):
-            for field in _CONTEXT_DTYPES:
-                _remove(self.folder / _shard_file(f"ctx_{field}", i))
-        _remove(self.folder / PROGRESS_FILE)
-
-    def _context_shape(self, field: str, n_contexts: int) -> tuple[int, ...]:
-        return (n_contexts,) if field == "seq" else (n_contexts, self.key.context_length)
-
-
-def _chunk_arrays(chunk: Any, index: int, L: int, d: int | None) -> tuple[dict[str, np.ndarray],
-                                                                          dict[str, np.ndarray]]:
-    """A chunk's rows and contexts as numpy arrays in their stored dtypes, after checking that they
-    fit together; a one-line ValueError naming what is wrong otherwise."""
-    if not isinstance(chunk, ActivationChunk):
-        raise TypeError(f"produce yielded a {type(chunk).__name__} as chunk {index}; yield "
-                        f"workbench.data.types.ActivationChunk records")
-    acts = chunk.acts_ND
-    if not (isinstance(acts, Tensor) and acts.ndim == 2 and acts.is_floating_point()):
-        what = (f"shape {tuple(acts.shape)} dtype {acts.dtype}" if isinstance(acts, Tensor)
-                else type(acts).__name__)
-        raise ValueError(f"chunk {index}: acts_ND is {what}; it must be an (N, D) float tensor")
-    n, width = acts.shape
-    if d is not None and width != d:
-        raise ValueError(f"chunk {index} has D={width} but the harvest so far has D={d}; one cache "
-                         f"holds one site, so give each site its own CacheKey")
-    for name in ("token_ids_N", "seq_N", "pos_N"):
-        value = getattr(chunk, name)
-        if not (isinstance(value, Tensor) and tuple(value.shape) == (n,) and not value.is_floating_point()):
-            raise ValueError(f"chunk {index}: {name} must be an integer tensor of shape ({n},), one "
-                             f"entry per row of acts_ND")
-    batch = chunk.batch
-    if not isinstance(batch, TokenBatch):
-        raise TypeError(f"chunk {index}: batch is a {type(batch).__name__}; pass the TokenBatch the rows "
-                        f"were harvested from")
-    ids, mask, seq_S = batch.input_ids_SL, batch.attention_mask_SL, batch.seq_S
-    if not (ids.ndim == 2 and ids.shape[1] == L and mask.shape == ids.shape and seq_S.shape == ids.shape[:1]):
-        raise ValueError(f"chunk {index}: batch.input_ids_SL {tuple(ids.shape)}, attention_mask_SL "
-                         f"{tuple(mask.shape)} and seq_S {tuple(seq_S.shape)} must be (S, {L}), (S, {L}) "
-                         f"and (S,), with L = CacheKey.context_length")
-
-    rows = {"acts": acts.detach().to("cpu", torch.float32, copy=True).numpy(),
-            "token_ids": chunk.token_ids_N.detach().cpu().numpy(),
-            "seq": chunk.seq_N.detach().cpu().numpy().astype(np.int64),
-            "pos": chunk.pos_N.detach().cpu().numpy()}
-    contexts = {"input_ids": ids.detach().cpu().numpy(), "mask": mask.detach().cpu().numpy(),
-                "seq": seq_S.detach().cpu().numpy().astype(np.int64)}
-    n_bad = int(np.count_nonzero(~np.isfinite(rows["acts"])))
-    if n_bad:
-        raise ValueError(f"chunk {index} has {n_bad} NaN/Inf activations; fix them at the source (e.g. "
-                         f"fp16 overflow: harvest in float32) rather than caching them")
-    for name, values in (("token_ids_N", rows["token_ids"]), ("input_ids_SL", contexts["input_ids"])):
-        if values.size and (values.min() < 0 or values.max() > _INT32_MAX):
-            raise ValueError(f"chunk {index}: {name} has ids outside [0, {_INT32_MAX}]; pass token ids")
-    if n and (rows["pos"].min() < 0 or rows["pos"].max() >= L):
-        raise ValueError(f"chunk {index}: pos_N has positions outside [0, {L}); pass each row's position "
-                         f"in its context")
-    seq_S, seq_N = contexts["seq"], rows["seq"]
-    if np.any(np.diff(seq_S) <= 0) or np.any(np.diff(seq_N) < 0):
-        raise ValueError(f"chunk {index}: seq_S must increase and seq_N must not decrease; yield contexts "
-                         f"and their rows in stream order")
-    where_N = np.minimum(np.searchsorted(seq_S, seq_N), len(seq_S) - 1)
-    if n and not np.array_equal(seq_S[where_N], seq_N):
-        raise ValueError(f"chunk {index}: seq_N names contexts that are not in batch.seq_S; each chunk's "
-                         f"rows must come from its own batch")
-    for arrays, dtypes in ((rows, _ROW_DTYPES), (contexts, _CONTEXT_DTYPES)):
-        for field, dtype in dtypes.items():
-            arrays[field] = arrays[field].astype(dtype, copy=False)
-    return rows, contexts
-
-
-def _select(arrays: dict[str, np.ndarray], which: np.ndarray | slice) -> dict[str, np.ndarray]:
-    return {field: values[which] for field, values in arrays.items()}
-
-
-def _take(pieces: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
-    """Pop the first n entries (rows or contexts) off a list of pieces, splitting one if needed."""
-    taken = []
-    while n > 0:
-        piece = pieces[0]
-        size = len(piece["seq"])
-        if size <= n:
-            taken.append(pieces.pop(0))
-        else:
-            taken.append(_select(piece, slice(0, n)))
-            pieces[0] = _select(piece, slice(n, None))
-        n -= min(size, n)
-    return taken
-
-
-# -------------------------------------------------------------------------------------------------
-# Files
-
-
-def _shard_file(field: str, shard: int) -> str:
-    return f"{field}_{shard:05d}.npy"
-
-
-def _context_file(field: str) -> str:
-    return f"contexts_{field}.npy"
-
-
-def _write_npy(path: Path, shape: tuple[int, ...], dtype: type, pieces: Iterable[np.ndarray]) -> None:
-    """Write the concatenation of pieces, of this total shape, as one .npy file, piece by piece (no
-    concatenated copy in memory), and fsync it."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        for piece in pieces:
-            f.write(np.ascontiguousarray(piece, dtype=dtype).data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _check_file(folder: Path, name: str, shape: tuple[int, ...], dtype: type) -> int:
-    """The data offset of a whole .npy file with this shape and dtype; a CacheError otherwise."""
-    problem, offset = _file_problem(folder / name, shape, dtype)
-    if problem is not None:
-        raise CacheError(f"cache folder {folder} is damaged: {problem}; delete the folder and harvest again")
-    return offset
-
-
-def _file_problem(path: Path, shape: tuple[int, ...], dtype: type) -> tuple[str | None, int]:
-    """(what is wrong with the .npy file at path, or None; its data offset), from its header and
-    size alone: cheap enough to check every shard of a large cache."""
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            found_shape, fortran, found_dtype = read_header(f)
-            offset = f.tell()
-            size = os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        return f"{path.name} is missing", 0
-    except (OSError, ValueError) as exc:
-        return f"{path.name} is not a readable .npy file ({exc})", 0
-    if found_shape != tuple(shape) or found_dtype != np.dtype(dtype) or fortran:
-        return (f"{path.name} holds {found_shape} {found_dtype}, expected {tuple(shape)} "
-                f"{np.dtype(dtype)}"), offset
-    expected = offset + math.prod(shape) * np.dtype(dtype).itemsize
-    if size != expected:
-        return f"{path.name} is {size} bytes, expected {expected}", offset
-    return None, offset
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(value, indent=1))
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
+def _decode_into(stored_ND: np.ndarray, dtype: str, out_ND: np.ndarray) -> None:
+    """Stored activations as float32 into out_ND (C-contiguous). A bfloat16 is the top half of the
+    float32 it stands for, so shifting its bits up 16 is the exact conversion."""
+    if dtype == "bfloat16":
+        bits_ND = out_ND.view(np.uint32)
+        bits_ND[...] = stored_ND
+        bits_ND <<= 16
     else:
-        path.unlink(missing_ok=True)
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on path (kept on disk: deleting lock files races)."""
-    if fcntl is None:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-# -------------------------------------------------------------------------------------------------
-# Small helpers
+        out_ND[...] = stored_ND
 
 
 def _mismatch(folder: Path, made: CacheKey, expect: CacheKey) -> str:
@@ -818,22 +409,6 @@ def _scaled(batch_BD: np.ndarray, scale: float | None) -> Tensor:
     return torch.from_numpy(batch_BD)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("._")[:40] or "_"
-
-
-def _count(n: int) -> str:
-    """500000 -> "500k", 2000000 -> "2M"; other numbers as they are."""
-    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
-
-
 def _check_seed(seed: Any) -> None:
-    if not _is_int(seed) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed={seed!r} must be an integer >= 0")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

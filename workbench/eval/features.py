@@ -586,7 +586,7 @@ def _read_row_ids(store: ActivationStore, rows_B: np.ndarray) -> Tensor:
     for shard in range(store.n_shards):
         lo, hi = bounds[shard], bounds[shard + 1]
         if lo < hi:
-            out_BD[lo:hi] = store.shard_acts(shard)[rows_B[lo:hi] - starts[shard]]
+            out_BD[lo:hi] = store.read_shard_rows(shard, rows_B[lo:hi] - starts[shard])
     return torch.from_numpy(out_BD)
 
 
