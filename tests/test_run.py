@@ -90,15 +90,72 @@ def test_second_run_reuses_the_cached_harvest(tmp_path, tiny_gpt2, text_file, mo
 
     def no_harvest(*args, **kwargs):
         raise AssertionError("the cached activations should have been reused")
-    monkeypatch.setattr("workbench.run.harvest", no_harvest)
+    monkeypatch.setattr("workbench.data.source.harvest", no_harvest)
     run(_config(tmp_path / "b", tiny_gpt2, text_file, cache), progress=False)
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == folders
+
+
+def _contexts(store):
+    ids_CL, _ = store.context(store.context_seq)
+    return {row.tobytes() for row in ids_CL}
 
 
 def test_held_out_text_never_overlaps_training_text(tmp_path, tiny_gpt2, text_file):
     run(_config(tmp_path / "run", tiny_gpt2, text_file, tmp_path / "cache"), progress=False)
     stores = _stores(tmp_path / "cache")
-    assert stores[1024].seq.min() >= stores[4096].n_contexts  # held-out contexts start after training's
+    assert _contexts(stores[1024]).isdisjoint(_contexts(stores[4096]))
+    assert "held out" in stores[1024].key.text and "trained on" in stores[4096].key.text
+
+
+def test_a_local_file_with_the_default_eval_split_is_split_by_document(tmp_path, tiny_gpt2, text_file):
+    """Before: a local file was read whole for both splits, so the held-out rows were the first training
+    rows, bit for bit."""
+    cfg = _config(tmp_path / "run", tiny_gpt2, text_file, tmp_path / "cache")
+    cfg.data.model.eval_split = "eval"
+    run(cfg, progress=False)
+    stores = _stores(tmp_path / "cache")
+    held_out, train = stores[1024], stores[4096]
+    assert _contexts(held_out).isdisjoint(_contexts(train))
+    assert not torch.equal(held_out.read_rows(0, 64), train.read_rows(0, 64))
+    meta = io.read_config(tmp_path / "run" / "saes" / "topk")["metadata"]
+    assert meta["held_out_text"].startswith("train[documents held out")
+
+
+def test_editing_the_text_is_a_new_harvest_and_moving_it_is_not(tmp_path, tiny_gpt2, monkeypatch):
+    """Before: the cache was keyed by the text's path, so an edited file reused the old activations."""
+    cache = tmp_path / "cache"
+    text = tmp_path / "a" / "prose.jsonl"
+    text.parent.mkdir()
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    run(_config(tmp_path / "r1", tiny_gpt2, text, cache), progress=False)
+    first = {p.name for p in cache.iterdir() if p.is_dir()}
+
+    moved = tmp_path / "b" / "prose.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(text.read_bytes())
+    with monkeypatch.context() as m:
+        m.setattr("workbench.data.source.harvest", _no_harvest)
+        run(_config(tmp_path / "r2", tiny_gpt2, moved, cache), progress=False)
+
+    text.write_text("".join(json.dumps({"text": t.upper()}) + "\n" for t in TEXTS))
+    run(_config(tmp_path / "r3", tiny_gpt2, text, cache), progress=False)
+    folders = {p.name for p in cache.iterdir() if p.is_dir()}
+    assert first < folders and len(folders) == 4  # a new training and a new held-out store
+
+
+def _no_harvest(*args, **kwargs):
+    raise AssertionError("the cached activations should have been reused")
+
+
+def test_named_splits_holding_the_same_documents_are_refused(tmp_path, tiny_gpt2):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    cfg = _config(tmp_path / "run", tiny_gpt2, folder, tmp_path / "cache")
+    cfg.data.model.eval_split = "validation"
+    with pytest.raises(ValueError, match=r"held-out text is also training text.*'validation' and train_split 'train'"):
+        run(cfg, progress=False)
 
 
 def test_unknown_site_lists_the_valid_ones(tmp_path, tiny_gpt2, text_file):
@@ -107,10 +164,21 @@ def test_unknown_site_lists_the_valid_ones(tmp_path, tiny_gpt2, text_file):
 
 
 def test_text_shorter_than_one_context(tmp_path, tiny_gpt2):
-    short = tmp_path / "short.jsonl"
-    short.write_text(json.dumps({"text": "too short"}) + "\n")
+    short = tmp_path / "short"
+    short.mkdir()
+    for split in ("train", "validation"):
+        (short / f"{split}.jsonl").write_text(json.dumps({"text": "too short"}) + "\n")
+    cfg = _config(tmp_path / "run", tiny_gpt2, short, tmp_path / "cache")
+    cfg.data.model.eval_split = "validation"
     with pytest.raises(ValueError, match="one context needs"):
-        run(_config(tmp_path / "run", tiny_gpt2, short, tmp_path / "cache"), progress=False)
+        run(cfg, progress=False)
+
+
+def test_a_one_document_file_says_it_cannot_be_split(tmp_path, tiny_gpt2):
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": " ".join(TEXTS[:20])}) + "\n")
+    with pytest.raises(ValueError, match=r"none of the 1 documents of .* fell on the (held-out|training) side"):
+        run(_config(tmp_path / "run", tiny_gpt2, one, tmp_path / "cache"), progress=False)
 
 
 def test_empty_text_source(tmp_path, tiny_gpt2):
@@ -140,3 +208,37 @@ def test_sae_width_must_match_the_site(tmp_path, tiny_gpt2, text_file):
     cfg.saes = {"bad": {"architecture": "topk", "d_in": 64, "d_sae": 128, "k": 4}}
     with pytest.raises(ValueError, match="saes.bad.d_in=64 but the data has d=32"):
         run(cfg, progress=False)
+
+
+def test_resume_with_a_changed_config_shows_the_difference(tmp_path, tiny_gpt2, text_file):
+    """Before: --resume after editing saes: trained the checkpoint's SAEs but wrote a config.json
+    describing the edited ones."""
+    cfg = _config(tmp_path / "run", tiny_gpt2, text_file, tmp_path / "cache")
+    cfg.train.checkpoint_every = 10
+    run(cfg, progress=False)
+    edited = _config(tmp_path / "run", tiny_gpt2, text_file, tmp_path / "other-cache")  # where: allowed
+    edited.saes["topk"]["k"] = 8
+    edited.train.lr = 1e-3
+    with pytest.raises(ValueError, match=r"config differs .*saes\.topk\.k: 4 -> 8; train\.lr: 0\.003 -> 0\.001"):
+        run(edited, resume=True, progress=False)
+
+
+def test_run_dir_that_is_a_file_fails_before_the_model_loads(tmp_path, monkeypatch):
+    """Before: it failed only after all the training."""
+    target = tmp_path / "results.txt"
+    target.write_text("notes")
+    monkeypatch.setattr("workbench.data.source.load_model", _no_harvest)
+    cfg = RunConfig.from_dict({"run_dir": str(target), "train": {"total_steps": 5},
+                               "saes": {"topk": {"architecture": "topk", "d_sae": 64, "k": 4}}})
+    with pytest.raises(ValueError, match=r"run_dir=.*results\.txt' is a file, not a folder"):
+        run(cfg, progress=False)
+
+
+def test_streamed_training_writes_no_training_cache(tmp_path, tiny_gpt2, text_file):
+    cfg = _config(tmp_path / "run", tiny_gpt2, text_file, tmp_path / "cache", stream_buffer_tokens=1024)
+    cfg.data.model.cache = False
+    results = run(cfg, progress=False)
+    assert list(_stores(tmp_path / "cache")) == [1024]  # only the held-out store is on disk
+    assert results["topk"]["l0"] <= 4 and 0 < results["topk"]["fvu"] < 1.5
+    meta = io.read_config(tmp_path / "run" / "saes" / "topk")["metadata"]
+    assert meta["folded_input_scale"] == pytest.approx(_stores(tmp_path / "cache")[1024].norm_scale())

