@@ -101,10 +101,12 @@ def _contexts(store):
 
 
 def test_held_out_text_never_overlaps_training_text(tmp_path, tiny_gpt2, text_file):
-    run(_config(tmp_path / "run", tiny_gpt2, text_file, tmp_path / "cache"), progress=False)
+    run(_config(tmp_path / "run", tiny_gpt2, text_file, tmp_path / "cache", cache_dtype="bfloat16"), progress=False)
     stores = _stores(tmp_path / "cache")
     assert _contexts(stores[1024]).isdisjoint(_contexts(stores[4096]))
     assert "held out" in stores[1024].key.text and "trained on" in stores[4096].key.text
+    # The training cache in the dtype asked for; the small held-out store stays float32.
+    assert (stores[4096].key.dtype, stores[1024].key.dtype) == ("bfloat16", "float32")
 
 
 def test_a_local_file_with_the_default_eval_split_is_split_by_document(tmp_path, tiny_gpt2, text_file):

@@ -7,9 +7,16 @@ import time
 from pathlib import Path
 
 from .configtools import describe, read_config_file
-from .run import DataConfig, RunConfig, format_table, index_run, run
+from .data.store import CacheError
+from .run import format_table, index_run, run
+from .runconfig import DataConfig, RunConfig
 from .saes import ARCHITECTURES
+from .train.checkpoint import CheckpointError
 from .train.trainer import TrainConfig
+
+USER_ERRORS = (ValueError, OSError, CacheError, CheckpointError)
+"""What a command raises for bad input or a bad environment (a config, a path, a cache, a full disk):
+printed as one line, exit status 2. Anything else is a bug and keeps its traceback."""
 
 TRAIN_EPILOG_HEAD = """\
 CONFIG is a YAML or JSON file mirroring these dataclasses, e.g.
@@ -153,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"workbench {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"workbench {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

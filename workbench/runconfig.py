@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .configtools import from_dict
+from .configtools import check_fields, from_dict
 from .data.embedded import DEFAULT_MODEL
 from .data.synthetic import SyntheticConfig
 from .saes import ARCHITECTURES, BaseSAE, SAEConfig, build_sae, make_config
@@ -78,6 +78,7 @@ class ModelDataConfig:
 
 
     def validate(self) -> None:
+        _check_fields(self, "data.model")
         for name in ("n_tokens", "context_length", "downstream_contexts", "stream_buffer_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -112,6 +113,7 @@ class DataConfig:
     """Settings of the synthetic data (source "synthetic")."""
 
     def validate(self) -> None:
+        _check_fields(self, "data")
         if self.source not in DATA_SOURCES:
             raise ValueError(f"data.source={self.source!r} must be one of {DATA_SOURCES}")
         for name in ("batch_size", "eval_tokens"):
@@ -158,6 +160,14 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_fields(config: Any, where: str) -> None:
+    """Types and finiteness of every field (as YAML gets them from from_dict), for Python callers."""
+    try:
+        check_fields(config)
+    except ValueError as e:
+        raise ValueError(f"{where}.{e}") from None
 
 
 def _sae_config(name: str, fields: Any, d_in: int) -> SAEConfig:

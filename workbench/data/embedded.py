@@ -64,7 +64,7 @@ def load_model(
     dtype = torch.float32 if dtype is None else dtype
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         raise ValueError(f"dtype={dtype} on CPU runs ~150x slower than float32; use dtype=None (float32) on CPU")
-    path = default_model_path() if str(name_or_path) == DEFAULT_MODEL else name_or_path
+    path = _model_location(name_or_path)
     config = _load_config(path)
     model_class = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
     model = model_class.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -72,7 +72,58 @@ def load_model(
     return model, tokenizer
 
 
-def _load_config(path: str | os.PathLike) -> PretrainedConfig:
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+"""The files of a ``save_pretrained`` folder that hold the weights (one of them, sharded or not)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model")
+"""Files of which a tokenizer's ``save_pretrained`` writes at least one."""
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` means a local folder rather than a hub name ("gpt2", "org/model"): it starts
+    with /, . or ~, has more than one separator, or names a folder inside one that exists."""
+    if name.startswith(("/", ".", "~")):
+        return True
+    separators = name.count(os.sep) + (name.count(os.altsep) if os.altsep else 0)
+    return separators > 1 or (separators == 1 and Path(name).parent.is_dir())
+
+
+def _check_model_folder(path: Path, name: str) -> None:
+    """A one-line error naming what the local model folder ``name`` lacks, before ``transformers``
+    reads it."""
+    if path.is_file():
+        raise ValueError(f"model {name!r} is a file; give the folder that save_pretrained wrote")
+    if not path.is_dir():
+        raise FileNotFoundError(f"no model folder at {name!r}; check the path, or give a hub name such as "
+                                f"'gpt2' or {DEFAULT_MODEL!r}, the offline default")
+    lacks = []
+    if not (path / "config.json").is_file():
+        lacks.append("config.json")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        lacks.append(f"weights ({' or '.join(WEIGHT_FILES[::2])})")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        lacks.append(f"tokenizer files ({' or '.join(TOKENIZER_FILES[:2])})")
+    if lacks:
+        raise ValueError(f"model folder {name!r} has no {' and no '.join(lacks)}; write the folder with "
+                         f"model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)")
+
+
+def _model_location(name_or_path: str | os.PathLike) -> str | Path:
+    """The checked local folder ``name_or_path`` means, or the hub name it is. A name that looks like a
+    path is a folder, so a typo in a path is reported as a missing folder, not as a model the hub
+    does not have."""
+    if str(name_or_path) == DEFAULT_MODEL:
+        return default_model_path()
+    name = str(name_or_path)
+    if isinstance(name_or_path, os.PathLike) or _looks_like_path(name) or Path(name).is_dir():
+        path = Path(name).expanduser()
+        _check_model_folder(path, name)
+        return path
+    return name
+
+
+def _load_config(path: str | Path) -> PretrainedConfig:
     """Read the config first, turning the hub's multi-line failure into one line that says what to do."""
     try:
         return AutoConfig.from_pretrained(path)

@@ -135,6 +135,11 @@ class TextSplit:
                              f"its split by document (held_out_fraction={fraction:g}); a text with one split needs "
                              f"many documents (one per line of a .txt, one per row of a .jsonl)")
 
+    def check_local(self) -> None:
+        """Open a local text source (which checks that it is there and not empty) without reading it."""
+        if self.cfg.text != "cpython" and Path(self.cfg.text).expanduser().exists():
+            load_texts(self.cfg.text, split=self.cfg.train_split, text_column=self.cfg.text_column)
+
     def overlap_cause(self) -> str:
         """What a training context equal to held-out ones would mean, for :class:`DisjointCheck`."""
         cfg = self.cfg
@@ -156,12 +161,13 @@ class ActivationSource:
         self.cfg = cfg
         self.eval_tokens = eval_tokens
         self.progress = progress
+        self.cache_root = Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_root()
+        self.split = TextSplit(cfg, self.cache_root)
+        self.split.check_local()  # a missing or empty local file fails now, not after the model loads
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = load_model(cfg.name, device=device)
         self.site = resolve_site(self.model, cfg.site)
-        self.cache_root = Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_root()
         self._options = f"exclude_special={cfg.exclude_special},drop_outliers={cfg.drop_outliers}"
-        self.split = TextSplit(cfg, self.cache_root)
 
     @cached_property
     def model_id(self) -> str:

@@ -36,6 +36,9 @@ from workbench.data.types import TokenBatch
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 """Local file suffixes that :func:`load_texts` reads, and the ``datasets`` builder that reads each."""
 
+_FILE_LAYOUT = '.txt: one text per line; .jsonl: one {"text": ...} object per line'
+_BLANK_PROBE_BYTES = 1 << 16
+"""A file this small is read whole to tell whether it holds anything but whitespace."""
 _TEXTS_PER_TOKENIZER_CALL = 64
 """Texts tokenised per call: one call per text would spend its time in Python overhead."""
 _ROWS_PER_READ = 1000
@@ -70,7 +73,7 @@ def load_texts(
 
     ``data_files`` selects files inside a folder or hub dataset (``datasets.load_dataset``'s argument).
     ``streaming`` reads files and hub datasets lazily instead of converting them to Arrow first.
-    Missing sources, unreadable suffixes, an unreachable hub and a missing ``text_column`` raise
+    Missing or empty files, unreadable suffixes, an unreachable hub and a missing ``text_column`` raise
     here, when the source is opened (a streamed file whose columns are unknown until read: at its first
     row); values that are neither strings nor None raise when they are reached.
     """
@@ -97,7 +100,13 @@ def _open_dataset(
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"cannot read {str(path)!r}: load_texts reads {', '.join(FILE_BUILDERS)} files")
-        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming)
+        empty = ValueError(f"text file {str(path)!r} is empty; give a file with text in it ({_FILE_LAYOUT})")
+        if _is_blank(path):
+            raise empty
+        try:
+            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming)
+        except StopIteration:  # datasets' json reader, streaming a file with no rows
+            raise empty from None
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return datasets.load_from_disk(str(path))
@@ -112,6 +121,13 @@ def _open_dataset(
             f"{name!r} is not a local file or folder and the Hugging Face hub is unreachable; on a machine "
             f"with network run `hf download {name} --repo-type dataset --local-dir DIR`, then pass the folder DIR"
         ) from None
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether the file is empty or (if small) holds only whitespace."""
+    if path.stat().st_size > _BLANK_PROBE_BYTES:
+        return False
+    return not path.read_bytes().strip()
 
 
 def _column_texts(dataset: datasets.Dataset | datasets.IterableDataset, text_column: str) -> Iterator[str]:

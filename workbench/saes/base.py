@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configtools import check_fields
+
 
 class Code(NamedTuple):
     """The sparse code of a batch.
@@ -105,7 +107,10 @@ class SAEConfig:
     """The name SAELens reads this architecture's folders under ("" means the same as ours)."""
 
     def validate(self) -> None:
-        """Raise ValueError naming the bad field; subclasses extend this."""
+        """Raise ValueError naming the bad field; subclasses extend this. Every field is first
+        checked against its type hint (a NaN or Inf number included), so the checks after it, here
+        and in the subclasses, compare numbers with numbers."""
+        check_fields(self)
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

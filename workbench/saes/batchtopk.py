@@ -49,7 +49,7 @@ class BatchTopKConfig(TopKConfig):
     def validate(self) -> None:
         super().validate()
         m = self.threshold_momentum
-        if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 <= m < 1:
+        if not 0 <= m < 1:
             raise ValueError(f"threshold_momentum={m!r} must be in [0, 1), e.g. 0.99")
 
 

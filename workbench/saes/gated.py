@@ -50,9 +50,6 @@ class GatedConfig(SAEConfig):
         if self.l1_coefficient < 0:
             raise ValueError(f"l1_coefficient={self.l1_coefficient} must be >= 0")
         check_l2_reduction(self.l2_reduction)
-        for name in ("learn_r_mag", "freeze_aux_decoder"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
 
     def default_lr(self) -> float:
         return 3e-4  # the paper's learning rate for all Gated runs (App. D)

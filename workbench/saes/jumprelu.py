@@ -103,16 +103,13 @@ class JumpReLUConfig(SAEConfig):
         super().validate()
         for name in ("bandwidth", "init_threshold"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                      or not 0 < value < math.inf):
+            if value is not None and value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive number (pre-activation units), or None "
                                  f"for 0.001 * sqrt(d_in)")
-        if not isinstance(self.l0_coefficient, (int, float)) or self.l0_coefficient < 0:
+        if self.l0_coefficient < 0:
             raise ValueError(f"l0_coefficient={self.l0_coefficient!r} must be a number >= 0")
-        if not isinstance(self.l0_warmup_steps, int) or self.l0_warmup_steps < 0:
+        if self.l0_warmup_steps < 0:
             raise ValueError(f"l0_warmup_steps={self.l0_warmup_steps!r} must be an integer >= 0")
-        if not isinstance(self.apply_b_dec_to_input, bool):
-            raise ValueError(f"apply_b_dec_to_input={self.apply_b_dec_to_input!r} must be true or false")
         check_l2_reduction(self.l2_reduction)
 
     @property

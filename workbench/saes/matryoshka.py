@@ -48,7 +48,7 @@ class MatryoshkaConfig(BatchTopKConfig):
     def validate(self) -> None:
         super().validate()
         widths = self.widths
-        if any(not isinstance(w, int) or isinstance(w, bool) or w <= 0 for w in widths):
+        if any(w <= 0 for w in widths):
             raise ValueError(f"matryoshka_widths={widths} must be positive integers")
         if any(b <= a for a, b in zip(widths, widths[1:])):
             raise ValueError(f"matryoshka_widths={widths} must be strictly increasing")

@@ -1,6 +1,8 @@
 """Architecture names -> (config class, module class). The one place that lists them."""
 from __future__ import annotations
 
+import dataclasses
+
 from .base import WORKBENCH_ARCHITECTURE_KEY, BaseSAE, SAEConfig
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .gated import GatedConfig, GatedSAE
@@ -42,12 +44,19 @@ def config_class(architecture: str) -> type[SAEConfig]:
 
 
 def make_config(architecture: str, **fields) -> SAEConfig:
-    """Build and validate a config, e.g. ``make_config("topk", d_in=384, d_sae=3072, k=32)``."""
+    """Build and validate a config, e.g. ``make_config("topk", d_in=384, d_sae=3072, k=32)``.
+
+    An unknown or missing field, a value of the wrong type and a NaN or Inf number raise a one-line
+    ValueError naming the field."""
     cls = config_class(architecture)
-    known = {f for f in cls.__dataclass_fields__}
-    unknown = sorted(set(fields) - known)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(known))
     if unknown:
         raise ValueError(f"{architecture} SAE has no field(s) {unknown}; its fields are {sorted(known)}")
+    missing = [name for name, f in known.items() if name not in fields
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{architecture} SAE is missing required field(s) {missing}")
     cfg = cls(**fields)
     cfg.validate()
     return cfg

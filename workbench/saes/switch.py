@@ -43,7 +43,7 @@ class SwitchConfig(SAEConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.n_experts, int) or self.n_experts <= 0:
+        if self.n_experts <= 0:
             raise ValueError(f"n_experts={self.n_experts!r} must be a positive integer")
         if self.d_sae % self.n_experts:
             raise ValueError(

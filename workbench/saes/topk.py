@@ -43,9 +43,9 @@ class TopKConfig(SAEConfig):
     def validate(self) -> None:
         super().validate()
         check_k(self.k, self.d_sae, "number of latents d_sae")
-        if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux <= 0):
+        if self.k_aux is not None and self.k_aux <= 0:
             raise ValueError(f"k_aux={self.k_aux!r} must be a positive integer or None")
-        if not isinstance(self.auxk_coef, (int, float)) or self.auxk_coef < 0:
+        if self.auxk_coef < 0:
             raise ValueError(f"auxk_coef={self.auxk_coef!r} must be a number >= 0 (0 turns AuxK off)")
 
     @property

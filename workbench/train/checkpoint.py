@@ -7,14 +7,17 @@
 
 A checkpoint is written into a hidden ``.step_XXXXXXXX.tmp`` sibling, fsynced, renamed into place,
 and only then is ``latest`` switched to it (itself by writing a temporary file and renaming), so a
-crash at any moment leaves the previous checkpoint whole. Resuming deletes the leftover temporary.
+crash at any moment leaves the previous checkpoint whole. Resuming deletes the leftover temporary; a
+write that fails (a full disk: :class:`CheckpointError`, with the size a checkpoint needs) deletes its own.
 
 ``trainer_state.pt`` holds only tensors and plain Python values (dicts, lists, numbers, strings) and
 is read with ``torch.load(weights_only=True)``: loading a checkpoint never unpickles objects.
 """
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -38,6 +41,32 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written (the disk is full); its message says what to do."""
+
+
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_NO_SPACE_TEXTS = ("No space left", "unexpected pos")
+"""How a full disk shows through torch.save's zip writer and safetensors, which do not raise OSError."""
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in _NO_SPACE_ERRNOS
+    return any(text in str(exc) for text in _NO_SPACE_TEXTS)
+
+
+def _nbytes(obj: Any) -> int:
+    """The bytes of the tensors in a nest of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def write_checkpoint(run_dir: str | Path, step: int, saes: dict[str, BaseSAE], state: dict[str, Any],
                      metadata: dict[str, Any] | None = None) -> Path:
     """Write ``run_dir/checkpoints/step_{step:08d}/`` atomically and point ``latest`` at it."""
@@ -45,11 +74,20 @@ def write_checkpoint(run_dir: str | Path, step: int, saes: dict[str, BaseSAE], s
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}{TMP_SUFFIX}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, sae in saes.items():
-        sae_io.save(sae, tmp / SAES_DIR / name, metadata)
-    torch.save(state, tmp / STATE_FILE)
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        for name, sae in saes.items():
+            sae_io.save(sae, tmp / SAES_DIR / name, metadata)
+        torch.save(state, tmp / STATE_FILE)
+        _fsync_tree(tmp)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_no_space(exc):
+            raise
+        megabytes = (_nbytes(state) + sum(_nbytes(sae.state_dict()) for sae in saes.values())) / 2**20
+        size = f"{megabytes:,.0f}" if megabytes >= 10 else f"{megabytes:.2g}"
+        raise CheckpointError(f"no space left on {root}: a checkpoint needs about {size} MB; free space or "
+                              f"set checkpoint_every higher") from None
     if final.exists():
         # Left by a run that died before pointing `latest` at it; this run has since moved on.
         shutil.rmtree(final)
@@ -102,11 +140,25 @@ def load_checkpoint(folder: str | Path) -> tuple[dict[str, BaseSAE], dict[str, A
     folder = Path(folder)
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{folder / STATE_FILE} cannot be read ({e}); resume from an earlier "
-                         f"checkpoint by pointing {folder.parent / LATEST_FILE} at it") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        # Not torch's own message: it advises weights_only=False, which would unpickle arbitrary code.
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("saes"), dict):
+        raise ValueError(_damaged(folder))
     saes = {name: sae_io.load(folder / SAES_DIR / name) for name in state["saes"]}
     return saes, state
+
+
+def _damaged(folder: Path) -> str:
+    """What to do about a checkpoint whose trainer state cannot be read: go back to an earlier one."""
+    earlier = max((p for p in folder.parent.glob("step_*") if p.name < folder.name and (p / STATE_FILE).is_file()),
+                  key=lambda p: p.name, default=None)  # zero-padded steps: names sort like steps
+    problem = f"checkpoint {folder} is damaged: its {STATE_FILE} is truncated or not a trainer state"
+    if earlier is not None:
+        return (f"{problem}; delete {folder} and resume again to continue from {earlier.name}, the newest "
+                f"earlier checkpoint")
+    return (f"{problem}, and the run has no earlier checkpoint; delete {folder.parent} and train again "
+            f"without resuming")
 
 
 def rng_state() -> dict[str, Any]:

@@ -36,6 +36,13 @@ from .router import RouterInspector
 log = logging.getLogger(__name__)
 
 
+def check_sae_name(run_dir: str | Path, sae: str | None) -> None:
+    """Fail, naming the run's SAEs, if ``run_dir`` is no finished run or has no SAE named ``sae``:
+    before anything is indexed or loaded."""
+    read_run(run_dir)
+    run_sae_names(run_dir, [sae] if sae else None)
+
+
 def ensure_indexed(run_dir: str | Path, progress: bool = True) -> list[str]:
     """The names of the run's SAEs, after indexing those that have no feature index yet."""
     read_run(run_dir)
@@ -119,9 +126,8 @@ class RunBrowser(pn.viewable.Viewer):
 def build_app(run_dir: str | Path, sae: str | None = None, progress: bool = True) -> RunBrowser:
     """The browser of the run in ``run_dir``, showing ``sae`` first (default: the first by name);
     SAEs without a feature index are indexed first."""
-    names = ensure_indexed(run_dir, progress)
-    run_sae_names(run_dir, [sae] if sae else None)  # an unknown name fails here, naming the run's SAEs
-    return RunBrowser(run_dir, names, sae)
+    check_sae_name(run_dir, sae)
+    return RunBrowser(run_dir, ensure_indexed(run_dir, progress), sae)
 
 
 def serve(run_dir: str | Path, port: int = 5006, address: str = "127.0.0.1", show: bool = False,
@@ -130,8 +136,8 @@ def serve(run_dir: str | Path, port: int = 5006, address: str = "127.0.0.1", sho
     otherwise), one app per browser tab. Blocks until interrupted unless ``threaded``, which returns
     the server thread (stop it with ``.stop()``). The run is checked and indexed before serving, so
     a bad folder fails here, not in the browser."""
+    check_sae_name(run_dir, sae)
     names = ensure_indexed(run_dir, progress)
-    run_sae_names(run_dir, [sae] if sae else None)
 
     def session() -> RunBrowser:
         app = RunBrowser(run_dir, names, sae)
