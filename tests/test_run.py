@@ -4,6 +4,7 @@ A tiny GPT-2 and its tokenizer are saved to a local folder and loaded with from_
 text is a local JSON-lines file: exactly what `gpt2` + a hub dataset do, minus the network.
 """
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from workbench import io
 from workbench.data.embedded import cpython_texts
 from workbench.data.store import ActivationStore
-from workbench.run import RunConfig, run
+from workbench.eval.features import FeatureIndex
+from workbench.run import RunConfig, index_run, run
 
 TEXTS = cpython_texts("train")[:400]
 
@@ -107,6 +109,12 @@ def test_held_out_text_never_overlaps_training_text(tmp_path, tiny_gpt2, text_fi
     assert "held out" in stores[1024].key.text and "trained on" in stores[4096].key.text
     # The training cache in the dtype asked for; the small held-out store stays float32.
     assert (stores[4096].key.dtype, stores[1024].key.dtype) == ("bfloat16", "float32")
+
+    # Indexing opens the held-out store only: with the training cache evicted, nothing is harvested again.
+    shutil.rmtree(stores[4096].folder)
+    folders = index_run(tmp_path / "run", ["topk"], progress=False)
+    assert FeatureIndex.load(folders["topk"]).info["n_tokens"] == 1024
+    assert list(_stores(tmp_path / "cache")) == [1024]
 
 
 def test_a_local_file_with_the_default_eval_split_is_split_by_document(tmp_path, tiny_gpt2, text_file):
