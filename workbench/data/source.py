@@ -178,7 +178,6 @@ class ActivationSource:
             return f"{path.resolve().name}@files:{model_fingerprint(path)}"
         return name
 
-
     def contexts(self, held_out: bool) -> Iterator[TokenBatch]:
         """Token contexts of the training or the held-out text (training contexts checked against the
         held-out ones as they are read)."""
@@ -244,8 +243,8 @@ class ActivationSource:
         return produce
 
     def _store(self, held_out: bool, n_tokens: int, dtype: str) -> ActivationStore:
-        key = CacheKey(model=self.model_id, site=self.site.name, text=f"{self.split.text_id}:{self.split.name(held_out)}",
-                       n_tokens=n_tokens, context_length=self.cfg.context_length, options=self._options,
+        text = f"{self.split.text_id}:{self.split.name(held_out)}"
+        key = CacheKey(model=self.model_id, site=self.site.name, text=text, n_tokens=n_tokens, context_length=self.cfg.context_length, options=self._options,
                        dtype=dtype)
         return ActivationStore.get_or_create(self.cache_root, key, self._produce(held_out), progress=self.progress)
 
