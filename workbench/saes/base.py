@@ -123,6 +123,12 @@ class SAEConfig:
     def to_dict(self) -> dict:
         return {"architecture": self.architecture, **dataclasses.asdict(self)}
 
+    @classmethod
+    def fields_from_saelens(cls, saved_cfg: dict) -> dict:
+        """This config's fields from a saved cfg.json, ours or SAELens': those it names, as written.
+        Subclasses fill in what SAELens computes with but does not write under our name."""
+        return {name: saved_cfg[name] for name in cls.__dataclass_fields__ if name in saved_cfg}
+
 
 class BaseSAE(nn.Module, abc.ABC):
     """The interface every architecture implements; the trainer, the evaluator, io, the feature
@@ -205,10 +211,14 @@ class BaseSAE(nn.Module, abc.ABC):
         return {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
 
     @torch.no_grad()
-    def load_saelens_tensors_(self, tensors: dict[str, Tensor]) -> None:
+    def load_saelens_tensors_(self, tensors: dict[str, Tensor], saved_cfg: dict | None = None) -> None:
         """Set the parameters from tensors keyed as :meth:`saelens_tensors` gives them; a ValueError
         names the missing, unexpected or misshapen keys. Architectures that save more than their
-        parameters set the rest after calling this."""
+        parameters set the rest after calling this.
+
+        ``saved_cfg`` is the folder's cfg.json: with ``apply_b_dec_to_input: false`` (SAELens then
+        encodes x, not x - b_dec) and a config without that field, b_dec is folded into the encoder
+        (:meth:`fold_uncentred_input_`). Subclasses honour the fields that concern only them."""
         expected = self.saelens_tensors()
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or extra:
@@ -221,6 +231,17 @@ class BaseSAE(nn.Module, abc.ABC):
         for name, param in self.named_parameters():
             if name in tensors:  # a parameter saved under another key is the subclass's to set
                 param.copy_(tensors[name])
+        honoured_by_cfg = "apply_b_dec_to_input" in self.cfg.__dataclass_fields__
+        if (saved_cfg or {}).get("apply_b_dec_to_input") is False and not honoured_by_cfg:
+            self.fold_uncentred_input_()
+
+    @torch.no_grad()
+    def fold_uncentred_input_(self) -> BaseSAE:
+        """Make the SAE, whose encoder read x + (its biases), read x - b_dec as every architecture
+        here does; returns self. W_enc^T x + b_enc = W_enc^T (x - b_dec) + (b_enc + W_enc^T b_dec),
+        so b_enc <- b_enc + b_dec @ W_enc. Architectures with other encoder biases override this."""
+        self.b_enc.add_(self.b_dec @ self.W_enc)
+        return self
 
     def encode(self, x_BD: Tensor) -> Tensor:
         """Dense (B, F) latent activations."""

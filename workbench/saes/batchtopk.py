@@ -143,8 +143,15 @@ class BatchTopKSAE(TopKSAE):
         return {**super().saelens_tensors(), "threshold": theta_F}
 
     @torch.no_grad()
-    def load_saelens_tensors_(self, tensors: dict[str, Tensor]) -> None:
-        super().load_saelens_tensors_(tensors)
+    def load_saelens_tensors_(self, tensors: dict[str, Tensor], saved_cfg: dict | None = None) -> None:
+        """Also SAELens' BatchTopK training checkpoints, whose one threshold is the scalar
+        ``topk_threshold``: read as the JumpReLU SAELens exports from it (every latent's threshold
+        that value, in the weights' dtype)."""
+        if "topk_threshold" in tensors and "threshold" not in tensors:
+            tensors = dict(tensors)
+            theta = tensors.pop("topk_threshold")
+            tensors["threshold"] = torch.full((self.cfg.d_sae,), float(theta), dtype=tensors["b_enc"].dtype)
+        super().load_saelens_tensors_(tensors, saved_cfg)
         theta_F = tensors["threshold"]
         if not bool((theta_F == theta_F[0]).all()):
             raise ValueError(f"a {self.cfg.architecture} SAE has one threshold for every latent, but these "

@@ -105,6 +105,14 @@ class GatedSAE(BaseSAE):
         }
         return SAEOutput(recon_BD, Code(f_BF, None, self.cfg.d_sae), losses, {})
 
+    @torch.no_grad()
+    def fold_uncentred_input_(self) -> GatedSAE:
+        """Both paths absorb b_dec: b_gate += b_dec @ W_gate, b_mag += exp(r_mag) * (b_dec @ W_gate)."""
+        proj_F = self.b_dec @ self.W_enc
+        self.b_gate.add_(proj_F)
+        self.b_mag.add_(proj_F * self.r_mag.exp())
+        return self
+
     def flops_per_token(self, training: bool = False) -> int:
         """Forward: shared encoder 2*d*M + decoder 2*d*M. A training step runs the decoder twice
         (the auxiliary reconstruction) and backpropagates, 3x that: 3 * 6*d*M."""

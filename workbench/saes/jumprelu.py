@@ -183,13 +183,17 @@ class JumpReLUSAE(BaseSAE):
         return tensors
 
     @torch.no_grad()
-    def load_saelens_tensors_(self, tensors: dict[str, Tensor]) -> None:
-        super().load_saelens_tensors_(tensors)
-        theta_F = tensors["threshold"]
-        if not bool((theta_F > 0).all()):
-            raise ValueError(f"threshold has {int((theta_F <= 0).sum())} values <= 0; this workbench's JumpReLU "
-                             f"learns log(threshold) and needs every threshold > 0")
-        self.log_threshold.copy_(theta_F.log())
+    def load_saelens_tensors_(self, tensors: dict[str, Tensor], saved_cfg: dict | None = None) -> None:
+        """SAELens encodes with relu(threshold), so a threshold <= 0 is a plain ReLU; as log_threshold
+        must be finite, it becomes the smallest normal float32 (1.2e-38), which differs from 0 only for
+        pre-activations below it. Older SAELens checkpoints hold ``log_threshold`` instead, which SAELens
+        reads as threshold = exp(log_threshold)."""
+        if "log_threshold" in tensors and "threshold" not in tensors:
+            tensors = {**tensors, "threshold": tensors["log_threshold"].exp()}
+            del tensors["log_threshold"]
+        super().load_saelens_tensors_(tensors, saved_cfg)
+        theta_F = tensors["threshold"].float()
+        self.log_threshold.copy_(theta_F.clamp_min(torch.finfo(torch.float32).tiny).log())
 
     def flops_per_token(self, training: bool = False) -> int:
         """Forward: dense encoder 2*d*M + dense decoder 2*d*M; a training step is 3x the forward."""

@@ -54,6 +54,16 @@ class ReLUConfig(SAEConfig):
     def default_lr(self) -> float:
         return 5e-5  # Anthropic's April-2024 baseline, used by the Switch paper's ReLU runs
 
+    @classmethod
+    def fields_from_saelens(cls, saved_cfg: dict) -> dict:
+        """A SAELens 5 "standard" folder may name another activation (activation_fn_str "topk"):
+        refused, rather than read as the ReLU it is not."""
+        for key in ("activation_fn_str", "activation_fn"):
+            if saved_cfg.get(key, "relu") != "relu":
+                raise ValueError(f"{key}={saved_cfg[key]!r} is a SAELens 5 folder; load it with SAELens 6 "
+                                 f"(SAE.load_from_disk) and save_model it again to get a SAELens 6 cfg.json")
+        return super().fields_from_saelens(saved_cfg)
+
 
 class ReLUSAE(BaseSAE):
     cfg: ReLUConfig

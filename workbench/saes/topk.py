@@ -48,6 +48,17 @@ class TopKConfig(SAEConfig):
         if self.auxk_coef < 0:
             raise ValueError(f"auxk_coef={self.auxk_coef!r} must be a number >= 0 (0 turns AuxK off)")
 
+    @classmethod
+    def fields_from_saelens(cls, saved_cfg: dict) -> dict:
+        """SAELens always adds b_enc and never writes ``latent_bias``: a folder without it has a latent
+        bias. SAELens' BatchTopK writes k as a float (6.0)."""
+        fields = super().fields_from_saelens(saved_cfg)
+        fields.setdefault("latent_bias", True)
+        k = fields.get("k")
+        if isinstance(k, float) and k.is_integer():
+            fields["k"] = int(k)
+        return fields
+
     @property
     def k_aux_eff(self) -> int:
         return self.k_aux if self.k_aux is not None else max(1, self.d_in // 2)
@@ -145,12 +156,28 @@ class TopKSAE(BaseSAE):
         return tensors
 
     @torch.no_grad()
-    def load_saelens_tensors_(self, tensors: dict[str, Tensor]) -> None:
+    def load_saelens_tensors_(self, tensors: dict[str, Tensor], saved_cfg: dict | None = None) -> None:
+        """Also SAELens' ``rescale_acts_by_decoder_norm: true``, folded into the weights: SAELens
+        multiplies the pre-activations by the decoder row norms n before the TopK and divides the
+        codes by n before decoding, which is this SAE with W_enc, b_enc times n and W_dec rows
+        divided by n (SAELens' own ``_fold_norm_topk``), the codes unchanged."""
         b_enc = tensors.get("b_enc")
         if not self.cfg.latent_bias and b_enc is not None and bool(b_enc.any()):
             raise ValueError(f"b_enc is non-zero but this {self.cfg.architecture} SAE has latent_bias=false, "
                              f"so it would ignore it; set latent_bias: true in cfg.json")
-        super().load_saelens_tensors_(tensors)
+        super().load_saelens_tensors_(tensors, saved_cfg)
+        if (saved_cfg or {}).get("rescale_acts_by_decoder_norm"):
+            norms_F = self.W_dec.norm(dim=-1).clamp_min(1e-8)
+            self.W_enc.mul_(norms_F)
+            self.b_enc.mul_(norms_F)
+            self.W_dec.div_(norms_F[:, None])
+
+    @torch.no_grad()
+    def fold_uncentred_input_(self) -> TopKSAE:
+        if not self.cfg.latent_bias:
+            raise ValueError(f"apply_b_dec_to_input: false needs a latent bias to fold b_dec into, but this "
+                             f"{self.cfg.architecture} SAE has latent_bias=false; set latent_bias: true in cfg.json")
+        return super().fold_uncentred_input_()
 
     def flops_per_token(self, training: bool = False) -> int:
         """Forward: dense encoder 2*d*M + sparse decoder 2*k*d. A training step adds the sparse
