@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import BaseSAE, Code, SAEConfig, SAEOutput, geometric_median, init_tied_weights
-from .relu import check_l2_reduction, l2_loss
+from .relu import check_encoder_init_scale, check_l2_reduction, l2_loss
 
 
 @dataclass
@@ -35,6 +35,9 @@ class GatedConfig(SAEConfig):
     l2_reduction: str = "mean"
     """"mean": both L2 terms averaged over the d dimensions, as in the paper, so its lambda values
     transfer; "sum": summed over them, as in dictionary_learning."""
+    encoder_init_scale: float = 0.1
+    """W_gate starts as this times W_dec^T; see ReLUConfig.encoder_init_scale (at 1 the SAE starts on
+    a dense plateau: 0.47 of the synthetic features after 600 steps, against 0.82 at 0.1)."""
     learn_r_mag: bool = True
     """Learn the per-latent magnitude scale r_mag (W_mag = exp(r_mag) * W_gate). False is the Fig. 8
     ablation "no r_mag": r_mag stays at its initial zeros (still saved, for SAELens' Gated format), so
@@ -50,6 +53,7 @@ class GatedConfig(SAEConfig):
         if self.l1_coefficient < 0:
             raise ValueError(f"l1_coefficient={self.l1_coefficient} must be >= 0")
         check_l2_reduction(self.l2_reduction)
+        check_encoder_init_scale(self.encoder_init_scale)
 
     def default_lr(self) -> float:
         return 3e-4  # the paper's learning rate for all Gated runs (App. D)
@@ -61,7 +65,7 @@ class GatedSAE(BaseSAE):
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)
         W_enc_DF, W_dec_FD = init_tied_weights(cfg)
-        self.W_enc = nn.Parameter(W_enc_DF)
+        self.W_enc = nn.Parameter(W_enc_DF * cfg.encoder_init_scale)
         self.W_dec = nn.Parameter(W_dec_FD)
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
