@@ -224,4 +224,3 @@ def recovery_score(features_FD: Tensor, W_dec_MD: Tensor) -> float:
     f_FD = features_FD.detach() / features_FD.detach().norm(dim=-1, keepdim=True)
     w_MD = W_dec_MD.detach() / W_dec_MD.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (f_FD @ w_MD.t()).max(1).values.mean().item()
-
