@@ -78,19 +78,15 @@ class ModelDataConfig:
 
 
     def validate(self) -> None:
-        _check_fields(self, "data.model")
+        _check_fields(self, "data.model")  # types and finiteness; the ranges below
         for name in ("n_tokens", "context_length", "downstream_contexts", "stream_buffer_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"data.model.{name}={value!r} must be a positive integer")
-        fraction = self.held_out_fraction
-        if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 0.5):
-            raise ValueError(f"data.model.held_out_fraction={fraction!r} must be a number in (0, 0.5], "
+            if getattr(self, name) <= 0:
+                raise ValueError(f"data.model.{name}={getattr(self, name)!r} must be a positive integer")
+        if not 0 < self.held_out_fraction <= 0.5:
+            raise ValueError(f"data.model.held_out_fraction={self.held_out_fraction!r} must be a number in (0, 0.5], "
                              f"e.g. 0.05 to hold out one document in twenty")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"data.model.cache_dtype={self.cache_dtype!r} must be one of {', '.join(CACHE_DTYPES)}")
-        if not isinstance(self.cache, bool):
-            raise ValueError(f"data.model.cache={self.cache!r} must be true or false")
 
 
 @dataclass
@@ -117,7 +113,7 @@ class DataConfig:
         if self.source not in DATA_SOURCES:
             raise ValueError(f"data.source={self.source!r} must be one of {DATA_SOURCES}")
         for name in ("batch_size", "eval_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+            if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name}={getattr(self, name)!r} must be a positive integer")
         if self.source == "synthetic":
             self.synthetic.validate()
