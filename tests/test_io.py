@@ -41,7 +41,9 @@ def test_round_trip_rebuilds_the_exact_module(arch, tmp_path):
         assert torch.equal(p, dict(loaded.named_parameters())[name]), name
     x = torch.randn(7, 12)
     assert torch.equal(sae.eval()(x).recon_BD, loaded(x).recon_BD)
-    assert io.read_config(tmp_path / "sae")["metadata"] == {"site": "resid_post.3"}
+    assert io.read_config(tmp_path / "sae")["metadata"] == {
+        "site": "resid_post.3", "hook_name": "blocks.3.hook_resid_post", "sae_lens_version": "6.0.0",
+        "sae_lens_training_version": None, "workbench_version": "0.1.0"}
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))

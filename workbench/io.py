@@ -1,31 +1,46 @@
-"""Save and load SAEs as SAELens-style folders: ``cfg.json`` + ``sae_weights.safetensors``.
+"""Save and load SAEs as SAELens 6 folders: ``cfg.json`` + ``sae_weights.safetensors``.
 
 Keys and shapes follow SAELens: ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in), ``b_enc``, ``b_dec``,
 plus whatever else an architecture holds; each architecture says how it is written
 (``saelens_config``, ``saelens_tensors``) and read back (``load_saelens_tensors_``), so this module
 names none of them. Weights are safetensors only: nothing here ever unpickles.
 
-A folder written by SAELens loads with SAELens' own codes: every cfg.json field that changes what
-SAELens computes is honoured (``apply_b_dec_to_input``, ``rescale_acts_by_decoder_norm`` and
+Written: cfg.json's ``metadata`` carries SAELens' names (``model_name``, ``hook_name``,
+``context_size``, ...) beside ours ("model", "site", ...) and the ``sae_lens_version`` of the format,
+so SAELens keeps all of it (:func:`saelens_metadata`).
+
+Read: a folder written by SAELens loads with SAELens' own codes: every cfg.json field that changes
+what SAELens computes is honoured (``apply_b_dec_to_input``, ``rescale_acts_by_decoder_norm`` and
 ``normalize_activations: expected_average_only_in`` folded into the weights, ``dtype`` converted to
 float32 with a warning) or refused with a one-line error (``reshape_activations``, per-token
-``normalize_activations``, SAELens 5 activation functions).
+``normalize_activations``, SAELens 5 activation functions). sparsify folders load as TopK SAEs
+(:mod:`workbench.sparsify_format`); a hub id loads from the hub or its local cache (:func:`resolve`);
+:func:`read_metadata` says where any of them reads, under our keys.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .data.embedded import looks_like_path
 from .saes.base import BaseSAE
 from .saes.registry import ARCHITECTURES, architecture_of, build_sae
+from .sparsify_format import is_sparsify_folder, load_sparsify, sparsify_metadata
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -33,6 +48,8 @@ SCALER_FILE = "activation_scaler.json"
 """Where SAELens' trainer keeps the input scale of ``normalize_activations: expected_average_only_in``
 (beside cfg.json in its checkpoints; the final SAE has it folded in and says "none")."""
 HALF_DTYPES = ("bfloat16", "float16")
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""The SAELens cfg.json format the folders written here follow (the ``sae_lens_version`` they carry)."""
 
 
 def fold_input_scale(sae: BaseSAE, scale: float) -> BaseSAE:
@@ -43,26 +60,91 @@ def fold_input_scale(sae: BaseSAE, scale: float) -> BaseSAE:
 
 def save(sae: BaseSAE, path: str | Path, metadata: dict[str, Any] | None = None,
          input_scale: float | None = None) -> Path:
-    """Write ``sae`` to the folder ``path`` (created if needed). ``metadata`` (e.g. the model and
-    site the SAE was trained on) is stored in cfg.json under ``"metadata"``. If the SAE was trained
-    on normalised activations ``input_scale * x``, pass that scale: it is folded into the weights
+    """Write ``sae`` to the folder ``path`` (created if needed), as SAELens 6 writes an SAE.
+
+    ``metadata`` (e.g. the model and site the SAE was trained on, under our keys "model", "site",
+    "context_length", "text") is stored in cfg.json under ``"metadata"``, with SAELens' names for
+    them beside ours (:func:`saelens_metadata`), so SAELens keeps it all. Without ``metadata``, the
+    SAE's own (``sae.metadata``: what it was loaded with) is written. If the SAE was trained on
+    normalised activations ``input_scale * x``, pass that scale: it is folded into the weights
     (:func:`fold_input_scale`) so the saved SAE reads raw activations."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    metadata = dict(sae.metadata if metadata is None else metadata)
     if input_scale is not None:
         sae = fold_input_scale(sae, input_scale)
-        metadata = {**(metadata or {}), "folded_input_scale": input_scale}
+        metadata["folded_input_scale"] = input_scale
     cfg = {
         **sae.saelens_config(),
         "dtype": "float32",
         "device": "cpu",
         "normalize_activations": "none",
-        "workbench_version": __version__,
-        "metadata": metadata or {},
+        "reshape_activations": "none",
+        "metadata": saelens_metadata(metadata),
     }
     save_file(sae.saelens_tensors(), str(folder / WEIGHTS_FILE))
     (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
     return folder
+
+
+def saelens_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``metadata`` with SAELens 6's names added for what ours say: ``model_name`` (from "model"),
+    ``hook_name`` (TransformerLens' name of "site", where it has one), ``context_size`` (from
+    "context_length"), ``dataset_path`` (from "text"), ``prepend_bos``; and the format versions,
+    without which SAELens reads the folder as pre-6 and drops the whole metadata object. SAELens'
+    own values, where the metadata already has them, are kept as they are."""
+    derived: dict[str, Any] = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None}
+    if "model" in metadata:
+        derived["model_name"] = metadata["model"]
+    hook = hook_name_of_site(metadata.get("site"))
+    if hook is not None:
+        derived["hook_name"] = hook
+    for ours, theirs in (("context_length", "context_size"), ("text", "dataset_path"), ("prepend_bos", "prepend_bos")):
+        if ours in metadata:
+            derived[theirs] = metadata[ours]
+    return {**derived, **metadata, "workbench_version": __version__}
+
+
+def hook_name_of_site(site: Any) -> str | None:
+    """TransformerLens' hook name of one of our named sites ("resid_post.8" ->
+    "blocks.8.hook_resid_post"); None for a module path or a layer counted from the end."""
+    match = _SITE.fullmatch(site) if isinstance(site, str) else None
+    return f"blocks.{match[2]}.hook_{match[1]}" if match else None
+
+
+def site_of_hook_name(hook_name: Any) -> str | None:
+    """Our site of a TransformerLens hook name ("blocks.8.hook_resid_post" -> "resid_post.8"); None
+    for hooks that are not a block's residual stream or attention/MLP output (hook_z, mlp.hook_post...)."""
+    match = _HOOK.fullmatch(hook_name) if isinstance(hook_name, str) else None
+    return f"{match[2]}.{match[1]}" if match else None
+
+
+_SITE = re.compile(r"(resid_pre|resid_post|attn_out|mlp_out)\.(\d+)")
+_HOOK = re.compile(r"blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)")
+
+
+def sae_metadata(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a saved cfg.json says about where the SAE reads, under our keys whoever wrote it:
+    the stored metadata, with "model", "site" and "context_length" filled in from SAELens' names
+    (``model_name``, ``hook_name``, ``context_size``; SAELens 5 kept them at the top level) where
+    ours are absent. "site" is None when the hook has no site here."""
+    stored = cfg.get("metadata")
+    metadata = dict(stored) if isinstance(stored, dict) else {}
+    for key in ("model_name", "hook_name", "context_size"):
+        if key not in metadata and key in cfg:
+            metadata[key] = cfg[key]
+    metadata.setdefault("model", metadata.get("model_name"))
+    metadata.setdefault("site", site_of_hook_name(metadata.get("hook_name")))
+    metadata.setdefault("context_length", metadata.get("context_size"))
+    return metadata
+
+
+def read_metadata(path: str | Path, subfolder: str | None = None) -> dict[str, Any]:
+    """:func:`sae_metadata` of the SAE folder ``path`` (or hub id, :func:`resolve`), sparsify's included."""
+    folder = resolve(path, subfolder)
+    if is_sparsify_folder(folder) and not (folder / WEIGHTS_FILE).is_file():
+        return sparsify_metadata(folder)
+    return sae_metadata(read_config(folder))
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -89,10 +171,46 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def load(path: str | Path) -> BaseSAE:
-    """Rebuild the exact module saved in ``path`` (in eval mode); a SAELens folder computes as in
-    SAELens, on raw activations."""
-    folder = Path(path)
+def resolve(path: str | Path, subfolder: str | None = None) -> Path:
+    """The local folder of an SAE: ``path`` itself (with ``subfolder`` joined), or, where no such
+    folder exists and ``path`` is a hub id ("owner/repo"), the repo's snapshot fetched with
+    ``huggingface_hub.snapshot_download`` (only ``subfolder``'s files; from the local cache when
+    offline, ``HF_HUB_OFFLINE=1``)."""
+    name = str(path)
+    local = Path(name).expanduser()
+    if isinstance(path, Path) or local.exists() or looks_like_path(name) or name.count("/") != 1:
+        folder = local / subfolder if subfolder else local
+        if not folder.exists():
+            shown = f"{name}/{subfolder}" if subfolder else name  # as the user wrote it
+            raise FileNotFoundError(f"no SAE folder at {shown}" + ("" if local.exists() else
+                                    "; give an SAE folder, or a hub id 'owner/repo' (and the SAE's subfolder in it)"))
+        return folder
+    return _hub_snapshot(name, subfolder)
+
+
+def _hub_snapshot(repo_id: str, subfolder: str | None) -> Path:
+    try:
+        root = Path(snapshot_download(repo_id, allow_patterns=[f"{subfolder.strip('/')}/*"] if subfolder else None))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local folder and the Hugging Face hub did not provide it ({reason}); on a "
+            f"machine with network run `hf download {repo_id}` (it fills the cache this reads offline), or "
+            f"`hf download {repo_id} --local-dir DIR` and pass DIR") from None
+    folder = root / subfolder if subfolder else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"hub repo {repo_id!r} has no folder {subfolder!r} in its cached snapshot; "
+                                f"check --subfolder (its folders: {sorted(p.name for p in root.iterdir() if p.is_dir())})")
+    return folder
+
+
+def load(path: str | Path, subfolder: str | None = None) -> BaseSAE:
+    """Rebuild the exact module saved in ``path`` (in eval mode): a folder written here or by
+    SAELens (computing as SAELens does, on raw activations), or by sparsify; ``path`` may be a hub
+    id, with the SAE in ``subfolder`` (:func:`resolve`)."""
+    folder = resolve(path, subfolder)
+    if is_sparsify_folder(folder) and not (folder / WEIGHTS_FILE).is_file():
+        return load_sparsify(folder)
     cfg = read_config(folder)
     check_saelens_fields(cfg, folder / CFG_FILE)
     input_scale = saelens_input_scale(cfg, folder)
@@ -117,6 +235,7 @@ def load(path: str | Path) -> BaseSAE:
         raise ValueError(f"{weights_path}: {e}") from None
     if input_scale is not None:
         sae.fold_input_scale_(input_scale)
+    sae.metadata = dict(cfg.get("metadata") or {})
     return sae.eval()
 
 

@@ -80,7 +80,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 """Files of which a tokenizer's ``save_pretrained`` writes at least one."""
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """Whether ``name`` means a local folder rather than a hub name ("gpt2", "org/model"): it starts
     with /, . or ~, has more than one separator, or names a folder inside one that exists."""
     if name.startswith(("/", ".", "~")):
@@ -116,7 +116,7 @@ def _model_location(name_or_path: str | os.PathLike) -> str | Path:
     if str(name_or_path) == DEFAULT_MODEL:
         return default_model_path()
     name = str(name_or_path)
-    if isinstance(name_or_path, os.PathLike) or _looks_like_path(name) or Path(name).is_dir():
+    if isinstance(name_or_path, os.PathLike) or looks_like_path(name) or Path(name).is_dir():
         path = Path(name).expanduser()
         _check_model_folder(path, name)
         return path

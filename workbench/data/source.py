@@ -189,7 +189,7 @@ class ActivationSource:
 
     def metadata(self) -> dict[str, Any]:
         return {"model": self.cfg.name, "site": self.site.name, "text": self.cfg.text,
-                "context_length": self.cfg.context_length, "text_id": self.split.text_id,
+                "context_length": self.cfg.context_length, "prepend_bos": True, "text_id": self.split.text_id,
                 "train_text": self.split.name(False), "held_out_text": self.split.name(True)}
 
     # ---------------------------------------------------------------------------------------------

@@ -146,6 +146,9 @@ class BaseSAE(nn.Module, abc.ABC):
         cfg.validate()
         super().__init__()
         self.cfg = cfg
+        self.metadata: dict = {}
+        """What the SAE's folder says about where it was trained (cfg.json's "metadata"), when it was
+        loaded from one; :func:`workbench.io.save` writes it back unless given other metadata."""
 
     # --- what each architecture defines -------------------------------------------------------
 
