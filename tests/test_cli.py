@@ -142,3 +142,70 @@ def test_synthetic_demo_prints_topk_recovering_the_true_features(tmp_path, capsy
     assert set(rows) == {"topk", "gated", "relu", "switch"}
     assert float(rows["topk"][header.index("recovery")]) >= 0.9
     assert {p.name for p in (tmp_path / "demo" / "saes").iterdir()} == set(rows)
+
+
+# -------------------------------------------------------------------------------------------------
+# workbench browse --sae: any SAE folder or hub id (the browser itself is tested in test_ui_app.py)
+
+
+def _one_line_error(capsys, command="browse"):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"workbench {command}: error: "), err
+    return err.removeprefix(f"workbench {command}: error: ").strip()
+
+
+def _metadata_less_sae(tmp_path):
+    from workbench.saes import build_sae, make_config
+    return io.save(build_sae(make_config("topk", d_in=16, d_sae=32, k=2)), tmp_path / "sae", metadata={})
+
+
+def test_browse_sae_without_model_and_site_names_the_flags(tmp_path, capsys):
+    folder = _metadata_less_sae(tmp_path)
+    assert main(["browse", "--sae", str(folder)]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith(f"{folder} does not say which model and site it reads")
+    assert "pass --model NAME --site SITE" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["browse"], ("nothing to browse: give a run folder (workbench browse RUN_DIR), or an SAE folder or hub id "
+                  "(workbench browse --sae PATH_OR_HUB_ID)")),
+    (["browse", "runs/demo", "--model", "gpt2", "--eval-tokens", "100"],
+     "--eval-tokens, --model apply to an SAE browsed without a run (--sae PATH_OR_HUB_ID)"),
+    (["browse", "--sae", "nobody-here/no-such-sae"],
+     "'nobody-here/no-such-sae' is not a local folder and the Hugging Face hub did not provide it"),
+    (["browse", "--sae", "no/such/folder"], "no SAE folder at no/such/folder"),
+])
+def test_browse_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_browse_an_sae_folder_as_a_run_says_to_pass_sae(tmp_path, capsys):
+    folder = _metadata_less_sae(tmp_path)
+    assert main(["browse", str(folder)]) == 2
+    assert _one_line_error(capsys) == (f"{folder} is an SAE folder, not a run folder; browse it with "
+                                       f"`workbench browse --sae {folder}` (build_app(sae=...))")
+
+
+def test_browse_sae_passes_its_flags_to_serve(monkeypatch):
+    calls = []
+    monkeypatch.setattr("workbench.ui.app.serve", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert main(["browse", "--sae", "owner/repo", "--subfolder", "layer_2", "--model", "gpt2",
+                 "--site", "blocks.2.hook_resid_post", "--text", "cpython", "--eval-tokens", "4096"]) == 0
+    assert main(["browse", "runs/demo", "--sae", "topk", "--port", "5007"]) == 0
+    assert calls == [
+        ((None,), {"port": 5006, "address": "127.0.0.1", "sae": "owner/repo", "subfolder": "layer_2",
+                   "model": "gpt2", "site": "blocks.2.hook_resid_post", "text": "cpython", "eval_tokens": 4096}),
+        (("runs/demo",), {"port": 5007, "address": "127.0.0.1", "sae": "topk"}),
+    ]
+
+
+def test_browse_help_describes_both_uses(capsys):
+    with pytest.raises(SystemExit):
+        main(["browse", "--help"])
+    text = capsys.readouterr().out
+    assert "RUN_DIR" in text and "--sae NAME | PATH_OR_HUB_ID" in text
+    for flag in ("--subfolder", "--model", "--site", "--text", "--eval-tokens"):
+        assert flag in text
+    assert "default: 127.0.0.1" in text

@@ -31,7 +31,7 @@ def data(n: int = 48, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, D, generator=gen) * 2 + 0.5
 
 
-GENERIC_MODULES = ["workbench/train/trainer.py", "workbench/eval/metrics.py", "workbench/io.py", "workbench/run.py",
+GENERIC_MODULES = ["workbench/train/trainer.py", "workbench/eval/any_sae.py", "workbench/eval/metrics.py", "workbench/io.py", "workbench/run.py",
                    "workbench/runconfig.py", "workbench/data/source.py", "workbench/data/streaming.py"]
 
 

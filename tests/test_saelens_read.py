@@ -220,3 +220,15 @@ def test_saelens_5_activation_function_is_refused(tmp_path):
     folder = _write(tmp_path, "standard", _weights("topk"), activation_fn_str="topk", activation_fn_kwargs={"k": K})
     with pytest.raises(ValueError, match="activation_fn_str='topk' is a SAELens 5 folder"):
         io.load(folder)
+
+
+def test_switch_reading_x_itself_is_refused(tmp_path):
+    """A Switch folder with apply_b_dec_to_input false (its experts read x, not x - b_dec) would load
+    computing on x - b_dec: b_dec cannot be folded into experts without an encoder bias."""
+    from workbench.saes import build_sae, make_config
+    folder = io.save(build_sae(make_config("switch", d_in=D, d_sae=F, k=2, n_experts=4)), tmp_path)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "apply_b_dec_to_input": False}))
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors: apply_b_dec_to_input=false is not supported "
+                                         r"for a Switch SAE"):
+        io.load(folder)

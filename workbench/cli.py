@@ -1,4 +1,4 @@
-"""The ``workbench`` command: ``workbench train CONFIG``, ``workbench demo``, ``workbench index RUN_DIR`` and ``workbench browse RUN_DIR``."""
+"""The ``workbench`` command: ``workbench train CONFIG``, ``workbench demo``, ``workbench index RUN_DIR`` and ``workbench browse RUN_DIR`` (or ``--sae PATH_OR_HUB_ID``)."""
 from __future__ import annotations
 
 import argparse
@@ -129,12 +129,30 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_browse(args: argparse.Namespace) -> int:
     from .ui.app import serve  # Panel takes seconds to import; only this command needs it
 
-    serve(args.run_dir, port=args.port, address=args.address, sae=args.sae)
+    sae_options = {name: getattr(args, name) for name in ("subfolder", "model", "site", "text", "eval_tokens")
+                   if getattr(args, name) is not None}
+    serve(args.run_dir, port=args.port, address=args.address, sae=args.sae, **sae_options)
     return 0
 
 
+BROWSE_EPILOG = """\
+examples:
+  workbench browse runs/demo                      a run's SAEs (indexed first if they are not)
+  workbench browse runs/demo --sae topk           ... showing its SAE "topk" first
+  workbench browse --sae tests/fixtures/saelens/topk_minilm
+                                                  an SAE folder (ours, SAELens', sparsify's)
+  workbench browse --sae OWNER/REPO --subfolder blocks.8.hook_resid_post --model gpt2
+                                                  one SAE of a hub repo, on a model its metadata lacks
+
+An SAE browsed without a run is indexed on held-out text of the model and site its metadata records
+(SAELens' model_name and hook_name), or that --model and --site give; the text is --text, else the
+one it was trained on here, else CPython's prose (offline). The index is kept in the activation cache
+($WORKBENCH_CACHE), so the second time it opens at once."""
+
+
 def _add_browse_commands(sub: argparse._SubParsersAction) -> None:
-    """``workbench index RUN_DIR`` and ``workbench browse RUN_DIR``: look inside a finished run."""
+    """``workbench index RUN_DIR`` and ``workbench browse RUN_DIR`` / ``--sae PATH_OR_HUB_ID``: look
+    inside a finished run, or any SAE."""
     index = sub.add_parser("index", help="build the feature index (and router analysis) of a run's SAEs",
                            description="Index every feature of a finished run's SAEs on its held-out "
                                        "activations (top examples, histograms, output tokens; the router "
@@ -144,15 +162,35 @@ def _add_browse_commands(sub: argparse._SubParsersAction) -> None:
                        help="index only this SAE (repeat for several; default: all)")
     index.set_defaults(func=_cmd_index)
 
-    browse = sub.add_parser("browse", help="open the feature browser on a run in a web browser",
-                            description="Serve the feature browser and router inspector of a finished run. "
-                                        "SAEs without a feature index are indexed first (once).")
-    browse.add_argument("run_dir", help="a finished run's folder (with config.json and saes/)")
+    browse = sub.add_parser("browse", help="open the feature browser on a run, or on any SAE, in a web browser",
+                            description="Serve the feature browser and router inspector of a finished run's "
+                                        "SAEs (those without a feature index are indexed first, once), or of "
+                                        "one SAE from a folder or the Hugging Face hub (--sae without RUN_DIR).",
+                            epilog=BROWSE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    browse.add_argument("run_dir", nargs="?", metavar="RUN_DIR",
+                        help="a finished run's folder (with config.json and saes/); leave it out to browse one "
+                             "SAE given by --sae")
+    browse.add_argument("--sae", metavar="NAME | PATH_OR_HUB_ID",
+                        help="with RUN_DIR: the name of the run's SAE to show first (default: the first by "
+                             "name); without: the SAE to browse, a folder (ours, SAELens', sparsify's) or a "
+                             "hub id OWNER/REPO")
     browse.add_argument("--port", type=int, default=5006, help="port to serve on (default: 5006)")
     browse.add_argument("--address", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1, this machine only; from elsewhere, "
                              "forward the port, e.g. ssh -L 5006:localhost:5006 HOST)")
-    browse.add_argument("--sae", metavar="NAME", help="the SAE to show first (default: the first by name)")
+    one = browse.add_argument_group("an SAE browsed without a run (--sae PATH_OR_HUB_ID)")
+    one.add_argument("--subfolder", help="the SAE's folder inside the hub repo or folder, for one that holds several")
+    one.add_argument("--model", metavar="NAME",
+                     help="the model the SAE reads (default: its metadata's model_name), a hub name or a "
+                          "local folder")
+    one.add_argument("--site", metavar="SITE",
+                     help="where in the model it reads, e.g. resid_post.8 or blocks.8.hook_resid_post "
+                          "(default: from its metadata's hook_name)")
+    one.add_argument("--text", metavar="SOURCE",
+                     help="held-out text to index it on: cpython, a hub dataset or a local file (default: "
+                          "the text it was trained on here, else cpython)")
+    one.add_argument("--eval-tokens", type=int, metavar="N",
+                     help="held-out tokens to index it on (default: 16,384, about 20 s on 2 CPU cores for MiniLM)")
     browse.set_defaults(func=_cmd_browse)
 
 

@@ -13,7 +13,7 @@ Read: a folder written by SAELens loads with SAELens' own codes: every cfg.json 
 what SAELens computes is honoured (``apply_b_dec_to_input``, ``rescale_acts_by_decoder_norm`` and
 ``normalize_activations: expected_average_only_in`` folded into the weights, ``dtype`` converted to
 float32 with a warning) or refused with a one-line error (``reshape_activations``, per-token
-``normalize_activations``, SAELens 5 activation functions). sparsify folders load as TopK SAEs
+``normalize_activations``, SAELens 5 activation functions). sparsify folders load as the k-sparse SAEs they are
 (:mod:`workbench.sparsify_format`); a hub id loads from the hub or its local cache (:func:`resolve`);
 :func:`read_metadata` says where any of them reads, under our keys.
 """

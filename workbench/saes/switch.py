@@ -168,6 +168,12 @@ class SwitchSAE(BaseSAE):
         self.b_router.div_(scale)
         return self
 
+    def fold_uncentred_input_(self) -> SwitchSAE:
+        """Experts have no encoder bias to absorb b_dec (and the router reads x - b_router), so a folder
+        whose experts read x itself (``apply_b_dec_to_input: false``) cannot be made to compute here."""
+        raise ValueError("apply_b_dec_to_input=false is not supported for a Switch SAE: its experts have no "
+                         "encoder bias to absorb b_dec; save it with apply_b_dec_to_input true")
+
     def flops_per_token(self, training: bool = False) -> int:
         """Forward: router 2*d*E + one expert's encoder 2*d*M/E + sparse decoder 2*k*d. A training
         step adds the router backward (2 * 2*d*E) and the sparse encoder-weight, decoder-weight and

@@ -7,6 +7,12 @@ shows which features fire on typed text.
                              PromptRunner(model, tokenizer, "resid_post.2", sae))
     browser                      # a notebook cell; browser.select(42) shows feature 42
 
+Any SAE, trained here or elsewhere (a SAELens or sparsify folder, or a hub id), in one line: it is
+indexed on held-out text of the model and site its metadata records (or that you pass), once::
+
+    FeatureBrowser.from_sae("tests/fixtures/saelens/topk_minilm")
+    FeatureBrowser.from_sae("owner/repo", subfolder="blocks.8.hook_resid_post", model="gpt2")
+
 Selecting a feature (a table row, the id box, :meth:`FeatureBrowser.select` or the ``feature``
 parameter) rewrites the detail panes only; the table is built once. Bad input (an out-of-range id,
 an empty prompt) is shown as a message in the page, never as a traceback.
@@ -24,6 +30,7 @@ DOM hooks the browser tests rely on (``data-act`` is the activation formatted wi
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -32,6 +39,7 @@ import param
 import torch
 from bokeh.models.widgets.tables import NumberFormatter
 
+from ..eval.any_sae import DEFAULT_EVAL_TOKENS, prepare_sae
 from ..eval.features import Example, FeatureIndex
 from ..eval.prompt import PromptResult, PromptRunner
 
@@ -107,6 +115,24 @@ class FeatureBrowser(pn.viewable.Viewer):
 
     def __panel__(self) -> pn.viewable.Viewable:
         return self._layout
+
+    @classmethod
+    def from_sae(cls, sae: str | Path, *, subfolder: str | None = None, model: str | None = None,
+                 site: str | None = None, text: str | None = None, eval_tokens: int = DEFAULT_EVAL_TOKENS,
+                 index_dir: str | Path | None = None, progress: bool = True) -> FeatureBrowser:
+        """The browser of any SAE folder (ours, SAELens' or sparsify's) or hub id ("owner/repo",
+        with ``subfolder`` for one SAE of a repo that holds several), wired to a prompt runner.
+
+        The SAE is indexed on ``eval_tokens`` held-out tokens of ``text`` run through ``model`` at
+        ``site``; each defaults to what the SAE's metadata records (SAELens' ``model_name``,
+        ``hook_name``, ``context_size``), and ``text`` to the text it was trained on if it was trained
+        here, else CPython's prose (offline; a SAELens ``dataset_path`` would need the network: pass
+        ``text`` to use it). The index is saved, by default in the activation cache under a key of
+        the SAE's files and the data, so opening the same SAE again is instant; see
+        :func:`workbench.eval.any_sae.prepare_sae`, which does the work."""
+        prepared = prepare_sae(sae, subfolder=subfolder, model=model, site=site, text=text,
+                               eval_tokens=eval_tokens, index_dir=index_dir, progress=progress)
+        return cls(FeatureIndex.load(prepared.index_dir), prepared.prompt_runner())
 
     def select(self, f: int) -> None:
         """Show feature ``f``; an invalid id leaves the view as it is and says why."""
