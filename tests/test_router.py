@@ -18,6 +18,7 @@ from workbench.data.embedded import default_model_path
 from workbench.data.store import ActivationStore, CacheKey
 from workbench.data.types import ActivationChunk, TokenBatch
 from workbench.eval import router
+from workbench.eval.features import readable_tokens
 from workbench.eval.router import (ENTROPY_BINS, RouterAnalysis, analyze_router, duplicate_features,
                                    inter_expert_similarity)
 from workbench.io import fold_input_scale
@@ -118,9 +119,11 @@ def test_top_tokens_per_expert(analysis, dense, store, tokenizer):
     for e in range(E):
         ids = store.token_ids[(dense["expert_N"] == e).numpy()].tolist()
         top = sorted(Counter(ids).items(), key=lambda item: (-item[1], item[0]))[:10]
-        assert analysis.top_tokens[e] == [(tokenizer.decode([i]), n) for i, n in top]
+        assert analysis.top_tokens[e] == [(readable_tokens(tokenizer, [i])[0], n) for i, n in top]
+    # As the feature index has them: a word with the space it follows, a continuation bare, no "##".
     shown = {tok for expert in analysis.top_tokens for tok, _ in expert}
-    assert "##ing" in shown and shown <= set(WORDS)  # WordPiece pieces read as themselves
+    assert {" the", "ing"} <= shown and not any("##" in tok for tok in shown)
+    assert shown <= {w[2:] if w.startswith("##") else " " + w for w in WORDS}
 
 
 def test_dead_latents_per_expert(analysis, dense):

@@ -8,6 +8,7 @@ Switch SAE's router run directly on the prompt's activations.
 """
 import contextlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -133,6 +134,19 @@ def _goto_when_up(page, url, timeout_s=30):
             time.sleep(0.2)
 
 
+def _assert_top_contexts_shown(page, index, f):
+    """Feature f's top-activating contexts on the page, token for token and activation for activation
+    as the saved index holds them (repeated windows left out)."""
+    page.wait_for_selector(f'.wb-context[data-feature="{f}"]')
+    shown = _span_data(page, f'.wb-context[data-feature="{f}"] .wb-tok')
+    expected = [(str(rank), tok, act) for rank, ex in enumerate(index.top(f, distinct=True))
+                for tok, act in zip(ex.tokens, ex.token_acts)]
+    assert len(shown) == len(expected) > 0
+    for got, (rank, tok, act) in zip(shown, expected):
+        assert (got["rank"], got["text"]) == (rank, tok)
+        assert float(got["act"]) == pytest.approx(act, rel=1e-3, abs=1e-6)
+
+
 def _span_data(page, selector):
     return page.locator(selector).evaluate_all(
         "spans => spans.map(s => ({text: s.textContent, act: s.dataset.act, expert: s.dataset.expert, "
@@ -145,17 +159,10 @@ def test_browser_shows_the_indexed_contexts_and_the_routers_experts(page, indexe
     page.wait_for_selector('.wb-context[data-feature="0"]', timeout=60_000)  # the first feature, shown at load
 
     # Select, in the table's first page, the feature with the most top examples (not feature 0).
-    n_top = [len(index.top(f)) for f in range(1, 20)]
+    n_top = [len(index.top(f, distinct=True)) for f in range(1, 20)]
     f = 1 + n_top.index(max(n_top))
     page.locator('.tabulator-cell[tabulator-field="feature"]').filter(has_text=re.compile(rf"^{f}$")).click()
-    page.wait_for_selector(f'.wb-context[data-feature="{f}"]')
-    shown = _span_data(page, f'.wb-context[data-feature="{f}"] .wb-tok')
-    expected = [(str(rank), tok, act) for rank, ex in enumerate(index.top(f))
-                for tok, act in zip(ex.tokens, ex.token_acts)]
-    assert len(shown) == len(expected) > 0
-    for got, (rank, tok, act) in zip(shown, expected):
-        assert (got["rank"], got["text"]) == (rank, tok)
-        assert float(got["act"]) == pytest.approx(act, rel=1e-3, abs=1e-6)
+    _assert_top_contexts_shown(page, index, f)
     page.screenshot(path=tmp_path / "features.png", full_page=True)
 
     # The router view: each token of a typed prompt on the expert the router picks for it.
@@ -194,6 +201,114 @@ def test_browser_shows_the_indexed_contexts_and_the_routers_experts(page, indexe
     for name in ("features.png", "router.png"):
         png = (tmp_path / name).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def _fits(page, width):
+    """Nothing wider than the window: no horizontal scrolling of the page or inside the table, and
+    every value of the output-token lists on its token's line."""
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    assert page.locator(".tabulator-tableholder").first.evaluate("h => h.scrollWidth <= h.clientWidth")
+    top_tokens = page.locator('.tabulator-col[tabulator-field="top_tokens"]').bounding_box()
+    assert top_tokens["x"] + top_tokens["width"] <= width and top_tokens["width"] >= 120
+    for block in (".wb-effects", ".wb-nearest", ".wb-histogram", ".wb-density"):
+        box = page.locator(block).first.bounding_box()
+        assert box["x"] + box["width"] <= width, block
+    lines = page.locator(".wb-effect").evaluate_all(
+        "items => items.map(li => [li.querySelector('code').getBoundingClientRect().top,"
+        " li.querySelector('.wb-val').getBoundingClientRect().top, li.getBoundingClientRect().right])")
+    assert lines and all(abs(code - value) < 4 and right <= width for code, value, right in lines)
+
+
+def test_the_feature_browser_keeps_one_selection_by_id_and_fits_1100_to_1600_px(page, indexed_run, tmp_path):
+    """Each defect of issue 14 in a real browser: the table fits at 1100 px with top_tokens next to
+    the id; the id box (Enter), a nearest feature, the router's expert, a prompt token's hover card
+    and the prompt's table all select by id, the highlighted row, its page and the detail agreeing;
+    a bad id is a message; top activations never repeat a context. Screenshots at 1100 and 1600 px
+    go to $WORKBENCH_SCREENSHOTS (else the test's tmp_path)."""
+    start = time.perf_counter()
+    shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    index = FeatureIndex.load(features_dir(indexed_run, "switch"))
+    page.set_viewport_size({"width": 1100, "height": 1000})
+    page.wait_for_selector('.wb-summary[data-feature="0"]', timeout=60_000)
+    summary = page.locator(".wb-summary")
+    highlighted = page.locator('.tabulator-row.tabulator-selected .tabulator-cell[tabulator-field="feature"]')
+
+    def shows(f):  # the detail and the highlighted row show feature f (a shared 2-core machine can be slow)
+        expect(summary).to_have_attribute("data-feature", str(f), timeout=15_000)
+        expect(highlighted).to_have_text(str(f), timeout=15_000)
+
+    fields = page.locator(".tabulator-col[tabulator-field]").evaluate_all(
+        "cols => cols.map(c => c.getAttribute('tabulator-field'))")
+    assert [f for f in fields if not f.startswith("_")] == ["feature", "top_tokens", "frequency", "mean_act", "max_act",
+                                                            "expert"]
+    _fits(page, 1100)
+    page.screenshot(path=shots / "browser_1100.png", full_page=True)
+
+    # The id box: Enter commits; a feature on page 3 turns the table to page 3, its row highlighted.
+    box = page.get_by_label("Feature id (Enter)")
+    f = 2 * 20 + 7
+    box.fill(str(f))
+    box.press("Enter")
+    shows(f)
+    expect(page.locator(".tabulator-page.active")).to_have_text("3")
+    box.fill("9000")
+    box.press("Enter")
+    expect(page.locator(".wb-message", has_text="feature 9000 is out of range: this SAE has 768 features "
+                                                 "(0-767)")).to_be_visible()
+    expect(box).to_have_value(str(f))
+
+    # Top activations: a feature whose index holds the same window twice shows it once.
+    dup = next(f for f in range(index.d_sae) if len(index.top(f, distinct=True)) < len(index.top(f)))
+    box.fill(str(dup))
+    box.press("Enter")
+    shows(dup)
+    texts = page.locator(f'.wb-context[data-feature="{dup}"]').all_text_contents()
+    assert len(texts) == len(set(texts)) == len(index.top(dup, distinct=True))
+
+    # A nearest feature by decoder cosine, clicked.
+    near = page.locator(".wb-near .wb-link").first
+    j = index.nearest(dup)[0][0]
+    expect(near).to_have_text(str(j))
+    near.click()
+    shows(j)
+
+    # Choosing expert 2 in the router: the highlighted row and the detail show one feature of expert 2.
+    page.locator(".bk-tab", has_text="Router").click()
+    page.locator("select", has=page.locator("option", has_text="all experts")).select_option(index=1 + 2)
+    page.locator(".bk-tab", has_text="Features").click()
+    expect(page.locator('.tabulator-row.tabulator-selected .tabulator-cell[tabulator-field="expert"]')).to_have_text("2")
+    shown = summary.get_attribute("data-feature")
+    shows(shown)
+    assert int(index.groups.group_F[int(shown)]) == 2
+
+    # The prompt: a token's hover card lists the features firing most on it (its data-features,
+    # which tests/test_browser.py checks against the runner); clicking one selects it, and so does
+    # a row of the prompt's table.
+    prompt = page.locator('input[placeholder="Type a prompt and press Enter"]')
+    prompt.fill(PROMPT)
+    prompt.press("Enter")
+    page.wait_for_selector(".wb-prompt-tok")
+    token = page.locator(".wb-tok-wrap").nth(3)
+    fired = token.locator(".wb-prompt-tok").get_attribute("data-features").split()
+    token.hover()
+    card = token.locator(".wb-tip")
+    expect(card).to_be_visible()
+    links = card.locator(".wb-link")
+    assert links.all_text_contents() == [f"feature {pair.split(':')[0]}" for pair in fired] and len(fired) >= 2
+    assert [v.strip() for v in card.locator(".wb-val").all_text_contents()] == [pair.split(":")[1] for pair in fired]
+    links.nth(1).click()
+    shows(fired[1].split(":")[0])
+    row = page.locator("tr.wb-prompt-feature").nth(2)
+    picked = row.get_attribute("data-feature")
+    row.click()
+    shows(picked)
+
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    page.wait_for_timeout(300)  # the layout settles
+    _fits(page, 1600)
+    page.screenshot(path=shots / "browser_1600.png", full_page=True)
+    print(f"feature browser test: {time.perf_counter() - start:.1f} s; screenshots in {shots}")
 
 
 def _route_directly(sae_folder: Path, text: str) -> tuple[list[str], list[int]]:
@@ -265,7 +380,7 @@ def test_from_sae_indexes_a_saelens_folder_on_held_out_text(monkeypatch):
         with torch.no_grad():
             assert float(sae.encode(store.read_rows(row, row + 1))[0, f]) == pytest.approx(ex.activation, rel=1e-4)
     assert browser.prompt_runner.run(PROMPT).acts_TF.shape[1] == 64
-    assert browser.contexts.object.count('class="wb-context"') == len(index.top(0))
+    assert browser.contexts.object.count('class="wb-context ') == len(index.top(0, distinct=True))
 
 
 def test_the_index_is_reused_and_rebuilt_when_the_sae_changes(tmp_path, monkeypatch):
@@ -345,14 +460,7 @@ def test_browse_sae_serves_a_saelens_folders_features(tmp_path):
         assert cells.all_text_contents() == ["60", "61", "62", "63"]
 
         # A feature's top-activating contexts, token for token as the index holds them.
-        f = max(range(60, 64), key=lambda f: len(index.top(f)))
+        f = max(range(60, 64), key=lambda f: len(index.top(f, distinct=True)))
         cells.filter(has_text=re.compile(rf"^{f}$")).click()
-        page.wait_for_selector(f'.wb-context[data-feature="{f}"]')
-        shown = _span_data(page, f'.wb-context[data-feature="{f}"] .wb-tok')
-        expected = [(str(rank), tok, act) for rank, ex in enumerate(index.top(f))
-                    for tok, act in zip(ex.tokens, ex.token_acts)]
-        assert len(shown) == len(expected) > 0
-        for got, (rank, tok, act) in zip(shown, expected):
-            assert (got["rank"], got["text"]) == (rank, tok)
-            assert float(got["act"]) == pytest.approx(act, rel=1e-3, abs=1e-6)
+        _assert_top_contexts_shown(page, index, f)
         page.screenshot(path=tmp_path / "sae.png", full_page=True)

@@ -27,12 +27,16 @@ After the pass, the rows of every example's context window (found by (seq, pos))
 and encoded, only those rows, to fill in the window activations. Tokens of a window that are not
 in the store (special tokens left out of the harvest) get activation 0; padding is left out.
 
+Each feature's nearest features by decoder cosine (the ``n_nearest`` rows of ``W_dec`` pointing
+most nearly its way) are found once, a chunk of rows at a time.
+
 Saved as ``feature_index.safetensors`` (every table) and ``feature_index.json`` (sizes, settings,
-the token strings): nothing is pickled.
+the token strings): nothing is pickled. Format 2 added the nearest features; a format-1 index still
+loads, and :meth:`FeatureIndex.nearest` says None for it.
 
 Shape suffixes: F features, N top examples, Q quantile buckets, P samples per bucket, R reservoir,
 W window tokens, H histogram bins, O output tokens, V vocabulary, D model width, M firing pairs,
-X examples.
+X examples, K nearest features.
 """
 from __future__ import annotations
 
@@ -54,7 +58,9 @@ from ..data.store import ActivationStore
 from ..saes.base import BaseSAE, Code, LatentGroups
 from .router import analyze_router, routes_tokens
 
-FORMAT = 1
+FORMAT = 2
+READ_FORMATS = (1, 2)
+"""Formats :meth:`FeatureIndex.load` reads: 1 lacks the nearest features, otherwise the same."""
 TENSORS_FILE = "feature_index.safetensors"
 INFO_FILE = "feature_index.json"
 HIST_EXPONENTS = (-24, 24)
@@ -80,6 +86,8 @@ class FeatureIndexConfig:
     """Context tokens shown after each example token."""
     n_output_tokens: int = 10
     """Output tokens listed as most promoted and most suppressed by each decoder direction."""
+    n_nearest: int = 5
+    """Features listed as nearest to each, by the cosine of their decoder directions."""
     bins_per_octave: int = 4
     """Histogram bins per factor of two in activation."""
     chunk_rows: int = 4096
@@ -161,22 +169,35 @@ class FeatureIndex:
                              f"(0-{self.d_sae - 1})")
         return int(f)
 
-    def top(self, f: int) -> list[Example]:
-        """The feature's top activating tokens, highest first (fewer if it fired on fewer tokens)."""
+    def top(self, f: int, distinct: bool = False) -> list[Example]:
+        """The feature's top activating tokens, highest first (fewer if it fired on fewer tokens).
+
+        ``distinct``: leave out an example whose window holds the same token ids as one before it
+        (the same text met twice in the data, e.g. a repeated header), as the browser shows them."""
         f = self.check_feature(f)
         t = self.tensors
         return self._examples(f, t["top_act_FN"][f], t["top_seq_FN"][f], t["top_pos_FN"][f],
-                              t["top_ids_FNW"][f], t["top_acts_FNW"][f])
+                              t["top_ids_FNW"][f], t["top_acts_FNW"][f], distinct)
 
-    def quantile_samples(self, f: int) -> list[list[Example]]:
+    def quantile_samples(self, f: int, distinct: bool = False) -> list[list[Example]]:
         """Example tokens from each activation quantile bucket, lowest bucket first, each bucket's
-        examples in increasing activation; see :meth:`quantile_edges` for the buckets' bounds."""
+        examples in increasing activation; see :meth:`quantile_edges` for the buckets' bounds.
+        ``distinct`` as for :meth:`top`, within each bucket."""
         f = self.check_feature(f)
         t = self.tensors
         return [self._examples(f, t["sample_act_FQP"][f, q], t["sample_seq_FQP"][f, q],
                                t["sample_pos_FQP"][f, q], t["sample_ids_FQPW"][f, q],
-                               t["sample_acts_FQPW"][f, q])
+                               t["sample_acts_FQPW"][f, q], distinct)
                 for q in range(self.cfg.n_quantiles)]
+
+    def nearest(self, f: int) -> list[tuple[int, float]] | None:
+        """The features whose decoder directions are nearest the feature's, as (feature, cosine),
+        most similar first; None for an index of format 1, which did not keep them."""
+        f = self.check_feature(f)
+        if "nearest_ids_FK" not in self.tensors:
+            return None
+        ids, cos = self.tensors["nearest_ids_FK"][f].tolist(), self.tensors["nearest_cos_FK"][f].tolist()
+        return list(zip(ids, cos))
 
     def quantile_edges(self, f: int) -> Tensor:
         """(n_quantiles + 1,) activations bounding the quantile buckets: bucket q holds activations
@@ -225,11 +246,17 @@ class FeatureIndex:
         return names
 
     def _examples(self, f: int, act_K: Tensor, seq_K: Tensor, pos_K: Tensor, ids_KW: Tensor,
-                  acts_KW: Tensor) -> list[Example]:
+                  acts_KW: Tensor, distinct: bool = False) -> list[Example]:
         examples = []
+        seen: set[tuple[int, ...]] = set()
         for k in range(len(act_K)):
             if seq_K[k] < 0:  # an empty slot: the feature fired on fewer tokens than there are slots
                 continue
+            if distinct:
+                window = tuple(ids_KW[k].tolist())  # -1 outside the context, so the place is in it too
+                if window in seen:
+                    continue
+                seen.add(window)
             real_W = ids_KW[k] >= 0
             examples.append(Example(
                 feature=f, activation=float(act_K[k]), seq=int(seq_K[k]), pos=int(pos_K[k]),
@@ -254,9 +281,9 @@ class FeatureIndex:
             raise FileNotFoundError(f"no feature index in {folder} (expected {INFO_FILE} and {TENSORS_FILE}); "
                                     f"build one with build_feature_index(sae, store, tokenizer).save(folder)")
         info = json.loads((folder / INFO_FILE).read_text())
-        if info.get("format") != FORMAT:
+        if info.get("format") not in READ_FORMATS:
             raise ValueError(f"{folder / INFO_FILE} has format {info.get('format')!r} but this workbench "
-                             f"reads format {FORMAT}; build the index again")
+                             f"reads formats {', '.join(map(str, READ_FORMATS))}; build the index again")
         return cls(load_file(str(folder / TENSORS_FILE)), info)
 
 
@@ -354,6 +381,7 @@ def build_feature_index(sae: BaseSAE, store: ActivationStore, tokenizer: Any, *,
         tensors.update(_output_effects(sae.W_dec.detach().float().cpu(), unembed_VD.detach().float().cpu(),
                                        cfg.n_output_tokens, progress))
         shown_ids += [tensors["effect_top_ids_FO"].flatten(), tensors["effect_bottom_ids_FO"].flatten()]
+    tensors.update(nearest_by_decoder(sae.W_dec.detach(), cfg.n_nearest))
     groups = sae.latent_groups()
     if groups is not None:
         tensors["group_F"] = groups.group_F
@@ -596,6 +624,26 @@ def _code_at(code: Code, b_P: Tensor, f_P: Tensor) -> Tensor:
         return code.acts[b_P, f_P]
     hit_PK = code.idx[b_P] == f_P[:, None]
     return (code.acts[b_P] * hit_PK).sum(1)
+
+
+def nearest_by_decoder(W_dec_FD: Tensor, k: int, chunk: int = 1024) -> dict[str, Tensor]:
+    """For every feature (row of ``W_dec_FD``), the ``k`` other features whose decoder rows have the
+    highest cosine with its own, most similar first: ``nearest_ids_FK`` (int64) and
+    ``nearest_cos_FK`` (float32), on the CPU. A chunk of rows at a time, on the decoder's device
+    (the whole (F, F) matrix would take gigabytes at the widths SAEs are trained at)."""
+    F = W_dec_FD.shape[0]
+    k = min(k, F - 1)
+    unit_FD = W_dec_FD.float()
+    unit_FD = unit_FD / unit_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    ids, cos = [], []
+    for s in range(0, F, chunk):
+        cos_CF = unit_FD[s:s + chunk] @ unit_FD.T
+        rows = torch.arange(cos_CF.shape[0], device=cos_CF.device)
+        cos_CF[rows, rows + s] = -math.inf  # not its own neighbour
+        values, idx = cos_CF.topk(k, dim=1)
+        ids.append(idx.cpu())
+        cos.append(values.cpu())
+    return {"nearest_ids_FK": torch.cat(ids).long(), "nearest_cos_FK": torch.cat(cos)}
 
 
 def _output_effects(W_dec_FD: Tensor, unembed_VD: Tensor, n: int, progress: bool,

@@ -75,7 +75,9 @@ class RouterAnalysis:
     entropy_edges: Tensor
     """(ENTROPY_BINS + 1,) float64 bin edges, from 0 to ln E."""
     top_tokens: list[list[tuple[str, int]]]
-    """Per expert, its most frequent tokens as (decoded token, count), most frequent first."""
+    """Per expert, its most frequent tokens as (token text, count), most frequent first; the text as
+    :func:`~workbench.eval.features.readable_tokens` gives it (analyses saved before it was used
+    have ``tokenizer.decode`` of each id: "##ing" for a WordPiece continuation)."""
     dead_per_expert: Tensor
     """(E,) int64: latents of each expert that never fired on the data."""
     similarity: Tensor
@@ -209,15 +211,19 @@ def analyze_router(sae: BaseSAE, store: ActivationStore, tokenizer: PreTrainedTo
 
 def _top_tokens(expert_N: np.ndarray, token_ids_N: np.ndarray, n_experts: int,
                 tokenizer: PreTrainedTokenizerBase) -> list[list[tuple[str, int]]]:
-    """Each expert's TOP_TOKENS most frequent token ids (ties: lower id first), decoded one by one
-    (so a WordPiece continuation shows as "##ing" and a GPT-2 word as " the")."""
+    """Each expert's TOP_TOKENS most frequent token ids (ties: lower id first), as the text each
+    stands for, as the feature index has them (:func:`~workbench.eval.features.readable_tokens`: a
+    word's first piece with its space, " the", a WordPiece continuation bare, "ing")."""
+    from .features import readable_tokens  # features imports this module
+
     order_N = np.argsort(expert_N, kind="stable")
     bounds = np.searchsorted(expert_N[order_N], np.arange(n_experts + 1))
     top = []
     for e in range(n_experts):
         counts_V = np.bincount(token_ids_N[order_N[bounds[e]:bounds[e + 1]]])
         ids = np.argsort(-counts_V, kind="stable")[:TOP_TOKENS]
-        top.append([(tokenizer.decode([int(i)]), int(counts_V[i])) for i in ids if counts_V[i] > 0])
+        ids = [int(i) for i in ids if counts_V[i] > 0]
+        top.append(list(zip(readable_tokens(tokenizer, ids), (int(counts_V[i]) for i in ids))))
     return top
 
 

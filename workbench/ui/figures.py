@@ -15,6 +15,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from .style import expert_colors
+
 Results = Mapping[str, Mapping[str, Any]]
 """{name: {metric: value}}, as ``workbench.run.run`` returns and metrics.json holds."""
 
@@ -61,12 +63,18 @@ def curves(history: Mapping[str, Sequence[Mapping[str, Any]]], y: str, x: str = 
 def heatmap(matrix: np.ndarray, *, row_labels: Sequence[Any] | None = None,
             col_labels: Sequence[Any] | None = None, ax: Axes | None = None, title: str | None = None,
             xlabel: str | None = None, ylabel: str | None = None, vmin: float | None = None,
-            vmax: float | None = None, cmap: str = "viridis", annotate: str | None = None) -> Figure:
-    """A matrix as colours with a colour bar; ``annotate`` (a format such as "{:.2f}") writes each value."""
+            vmax: float | None = None, cmap: str = "viridis", annotate: str | None = None,
+            colorbar_label: str | None = None) -> Figure:
+    """A matrix as colours with a colour bar titled ``colorbar_label``; ``annotate`` (a format such as
+    "{:.2f}") writes each value. Pass ``vmin`` and ``vmax`` for a fixed scale (e.g. 0 and 1 for the
+    router's inter-expert decoder cosines, as the router inspector draws them), else the colours
+    stretch over the matrix' own range."""
     matrix = np.asarray(matrix, dtype=float)
     fig, ax = _axes(ax, (4.6, 3.8))
     image = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
-    fig.colorbar(image, ax=ax)
+    colorbar = fig.colorbar(image, ax=ax)
+    if colorbar_label:
+        colorbar.set_label(colorbar_label)
     if row_labels is not None:
         ax.set_yticks(range(len(row_labels)), [str(v) for v in row_labels])
     if col_labels is not None:
@@ -81,11 +89,15 @@ def heatmap(matrix: np.ndarray, *, row_labels: Sequence[Any] | None = None,
 
 
 def bars(values: Mapping[str, float], *, reference: float | None = None, ax: Axes | None = None,
-         title: str | None = None, ylabel: str | None = None) -> Figure:
-    """One bar per name; ``reference`` draws a dashed horizontal line (e.g. uniform expert load)."""
+         title: str | None = None, ylabel: str | None = None, colors: Sequence[str] | str | None = None) -> Figure:
+    """One bar per name; ``reference`` draws a dashed horizontal line (e.g. uniform expert load);
+    ``colors`` one colour per bar, or "experts" for the router inspector's expert colours (bar i in
+    expert i's)."""
     fig, ax = _axes(ax)
     names = list(values)
-    ax.bar(range(len(names)), [values[n] for n in names])
+    if colors == "experts":
+        colors = expert_colors(len(names))
+    ax.bar(range(len(names)), [values[n] for n in names], color=colors, edgecolor="#555" if colors else None)
     slanted = len(names) > 8 or sum(len(str(n)) for n in names) > 48  # labels that would run into each other
     ax.set_xticks(range(len(names)), names, rotation=45 if slanted else 0, ha="right" if slanted else "center")
     if reference is not None:
@@ -97,15 +109,18 @@ def bars(values: Mapping[str, float], *, reference: float | None = None, ax: Axe
 def scatter(x: np.ndarray, y: np.ndarray, *, labels: np.ndarray | None = None, ax: Axes | None = None,
             title: str | None = None, xlabel: str | None = None, ylabel: str | None = None,
             size: float = 4.0, alpha: float = 0.6) -> Figure:
-    """Points, coloured by ``labels`` (e.g. expert, or matched / unmatched) with a legend."""
+    """Points, coloured by ``labels`` (e.g. expert, or matched / unmatched) with a legend; the
+    sorted labels take the router inspector's categorical colours in turn (so labels 0 to E-1 are
+    the experts' own colours), which keep 16 of them apart."""
     fig, ax = _axes(ax)
     if labels is None:
         ax.scatter(x, y, s=size, alpha=alpha)
     else:
         labels = np.asarray(labels)
-        for label in np.unique(labels):
+        kinds = np.unique(labels)
+        for label, color in zip(kinds, expert_colors(len(kinds))):
             mask = labels == label
-            ax.scatter(np.asarray(x)[mask], np.asarray(y)[mask], s=size, alpha=alpha, label=str(label))
+            ax.scatter(np.asarray(x)[mask], np.asarray(y)[mask], s=size, alpha=alpha, label=str(label), color=color)
     _finish(ax, xlabel, ylabel, title, False, False, legend=labels is not None)
     return fig
 
