@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from workbench import io as sae_io
 from workbench.saes import build_sae, make_config
 from workbench.train import BatchError, TrainConfig, Trainer, lr_factor
+from workbench.train.trainer import NonFiniteError
 from workbench.train import checkpoint
 
 D, F, B = 32, 128, 128
@@ -375,3 +377,178 @@ def test_a_nan_loss_is_found_without_a_run_dir_at_the_next_logged_step():
         trainer.fit(stream)
     assert trainer.step == 10  # checked when step 10 was logged, with no sync at the steps between
     assert trainer.history == []
+
+
+# -------------------------------------------------------------------------------------------------
+# Training in a background thread: Trainer.start and its TrainingRun
+
+class Pause:
+    """A callback that holds the training thread at the row of ``sae`` at ``step`` until ``go``
+    is set; ``reached`` is set when it gets there, ``thread`` is the thread that called it."""
+
+    def __init__(self, step: int, sae: str):
+        self.step, self.sae = step, sae
+        self.reached, self.go = threading.Event(), threading.Event()
+        self.thread: int | None = None
+
+    def __call__(self, row):
+        if (row["step"], row["sae"]) == (self.step, self.sae):
+            self.thread = threading.get_ident()
+            self.reached.set()
+            assert self.go.wait(20), "the test never released the paused training thread"
+
+    def wait(self):
+        assert self.reached.wait(20), f"training never reached step {self.step}"
+
+
+class GlobalRngStream:
+    """Batches drawn from the global torch generator (which the Trainer seeds): a stream whose
+    continuation needs the generator restored, not only the batches skipped."""
+
+    def __init__(self, n_batches: int):
+        self.n_batches = n_batches
+
+    def __iter__(self):
+        for _ in range(self.n_batches):
+            yield torch.randn(B, D)
+
+
+def assert_same_state(a: Trainer, b: Trainer) -> None:
+    """Weights, buffers, optimiser and firing state and history equal bit for bit."""
+    assert (a.step, a.tokens_seen) == (b.step, b.tokens_seen)
+    for name in a.saes:
+        for key, value in a.saes[name].state_dict().items():
+            assert torch.equal(value, b.saes[name].state_dict()[key]), f"{name}.{key}"
+        opt_a, opt_b = a.optimizers[name].state_dict()["state"], b.optimizers[name].state_dict()["state"]
+        assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i]), name
+        assert torch.equal(a.firing[name].tokens_since_fired_F, b.firing[name].tokens_since_fired_F), name
+    assert a.history == b.history
+
+
+def test_start_returns_at_once_and_the_history_grows_while_it_trains():
+    trainer = Trainer(four_saes(), cfg(total_steps=20, log_every=5))
+    pause = Pause(10, "switch")
+    trainer.add_callback(pause)
+    run = trainer.start(SparseStream(20))
+    try:
+        pause.wait()  # start() returned while the thread trains
+        assert pause.thread not in (None, threading.get_ident())  # callbacks run in the training thread
+        assert run.running and not run.done and run.step == 10
+        assert [(r["step"], r["sae"]) for r in run.history] == [
+            (step, name) for step in (5, 10) for name in ("topk", "gated", "relu", "switch")]
+        assert "running at step 10 of 20" in repr(run)
+        with pytest.raises(TimeoutError, match=r"still training after 0.05 s \(step 10 of 20\)"):
+            run.wait(timeout=0.05)
+    finally:
+        pause.go.set()
+    history = run.wait()
+    assert run.done and not run.running and not run.stopped and run.error is None
+    assert history is trainer.history and len(history) == 4 * 4 and run.history == history
+    assert all(not sae.training for sae in trainer.saes.values())
+
+
+def test_a_started_run_ends_with_the_weights_fit_gives():
+    fitted = Trainer(four_saes(), cfg(total_steps=15, log_every=5))
+    fitted.fit(SparseStream(15))
+    started = Trainer(four_saes(), cfg(total_steps=15, log_every=5))
+    started.start(SparseStream(15)).wait()
+    assert_same_state(fitted, started)
+
+
+def test_stop_ends_at_a_step_checkpoints_and_resuming_is_bit_identical(tmp_path):
+    def setup(run_dir):
+        saes = {"topk": build_sae(make_config("topk", d_in=D, d_sae=F, k=4)),
+                "switch": build_sae(make_config("switch", d_in=D, d_sae=F, k=4, n_experts=4))}
+        return Trainer(saes, cfg(total_steps=16, log_every=1, checkpoint_every=5), run_dir=run_dir)
+
+    straight = setup(tmp_path / "straight")
+    straight.fit(GlobalRngStream(16))
+
+    stopped = setup(tmp_path / "stopped")
+    pause = Pause(7, "switch")
+    stopped.add_callback(pause)
+    run = stopped.start(GlobalRngStream(16))
+    try:
+        pause.wait()
+        run.stop()  # from this thread, while the training thread sits inside step 7's logging
+    finally:
+        pause.go.set()
+    history = run.wait()
+    assert run.stopped and run.done and run.step == 7 and history[-1]["step"] == 7
+    assert "stopped at step 7 of 16" in repr(run)
+    run.stop()  # a run that has ended ignores it
+    checkpoints = tmp_path / "stopped" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000005", "step_00000007"]
+    assert (checkpoints / "latest").read_text() == "step_00000007\n"
+    assert not (tmp_path / "stopped" / "saes").exists()  # final folders belong to a finished run
+
+    torch.manual_seed(1234)  # whatever the notebook did in between
+    resumed = Trainer.resume(tmp_path / "stopped")
+    assert resumed.step == 7
+    resumed.fit(GlobalRngStream(16))
+    assert_same_state(straight, resumed)
+    # The stopped trainer itself continues exactly too (with fit or start).
+    stopped.run_dir = tmp_path / "again"  # its own folder now holds the resumed run's end
+    stopped.start(GlobalRngStream(16)).wait()
+    assert_same_state(straight, stopped)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (torch.full((B, D), 1e38), NonFiniteError, r"SAE 'relu': the loss became NaN or infinite at step 4"),
+    (torch.randn(B, 7), BatchError, r"^batch 3 has 7 columns"),
+])
+def test_an_exception_in_the_training_thread_is_raised_by_wait(bad, error, message):
+    trainer = Trainer(build_sae(make_config("relu", d_in=D, d_sae=F)), cfg(total_steps=20, log_every=10))
+    run = trainer.start(SparseStream(20, bad={3: bad}))
+    with pytest.raises(error, match=message):
+        run.wait()
+    assert run.done and isinstance(run.error, error) and not run.stopped
+    with pytest.raises(error, match=message):  # every wait says it
+        run.wait()
+    assert "failed" in repr(run)
+    # The trainer is free again: a new run starts (and a diverged one still refuses to go on).
+    again = trainer.start(SparseStream(20))
+    if error is NonFiniteError:
+        with pytest.raises(NonFiniteError):
+            again.wait()
+    else:
+        assert again.wait()[-1]["step"] == 20
+
+
+def test_one_run_per_trainer_at_a_time():
+    trainer = Trainer(build_sae(make_config("topk", d_in=D, d_sae=F, k=4)), cfg(total_steps=10, log_every=5))
+    pause = Pause(5, "topk")
+    trainer.add_callback(pause)
+    run = trainer.start(SparseStream(10))
+    try:
+        pause.wait()
+        for again in (trainer.start, trainer.fit):
+            with pytest.raises(RuntimeError, match=r"^this trainer is already training .*run\.wait\(\).*run\.stop\(\)") as err:
+                again(SparseStream(10))
+            assert "\n" not in str(err.value)
+    finally:
+        pause.go.set()
+    run.wait()
+    assert trainer.start(SparseStream(10)).wait() == run.history  # free again: nothing left to train
+
+
+def test_interrupting_wait_stops_the_run():
+    """Interrupting the cell that waits (Ctrl-C, the kernel's interrupt) ends the run at the next
+    step, as it would end a fit, instead of leaving it training unseen."""
+    import _thread
+
+    trainer = Trainer(build_sae(make_config("topk", d_in=D, d_sae=F, k=4)), cfg(total_steps=1000, log_every=5))
+    pause = Pause(5, "topk")
+    trainer.add_callback(pause)
+    run = trainer.start(SparseStream(1000))
+    pause.wait()
+
+    def interrupt(_run):  # called by wait() while it waits: the interrupt arrives inside it
+        if not pause.go.is_set():
+            pause.go.set()
+            _thread.interrupt_main()
+
+    run.watch(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run.wait()
+    assert run.done and run.stopped and 5 <= run.step < 1000

@@ -1,5 +1,6 @@
-"""Training: the Trainer loop, its lr schedule and crash-safe checkpoints."""
+"""Training: the Trainer loop (in the caller's thread, or started in a background one), its lr
+schedule and crash-safe checkpoints."""
 from .schedule import lr_factor, make_scheduler
-from .trainer import BatchError, TrainConfig, Trainer
+from .trainer import BatchError, NonFiniteError, TrainConfig, Trainer, TrainingRun
 
-__all__ = ["BatchError", "TrainConfig", "Trainer", "lr_factor", "make_scheduler"]
+__all__ = ["BatchError", "NonFiniteError", "TrainConfig", "Trainer", "TrainingRun", "lr_factor", "make_scheduler"]

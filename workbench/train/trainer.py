@@ -3,8 +3,12 @@
     trainer = Trainer({"k16": sae_k16, "k32": sae_k32}, TrainConfig(total_steps=10_000), run_dir="runs/a")
     history = trainer.fit(stream)         # stream: any iterable of (batch, d_in) float tensors
 
-    trainer = Trainer.resume("runs/a")    # after a crash or a stream that ran out
+    trainer = Trainer.resume("runs/a")    # after a crash, a stop or a stream that ran out
     history = trainer.fit(stream)         # the same stream again: trained batches are skipped
+
+    run = trainer.start(stream)           # the same loop in a background thread; returns at once
+    run.stop()                            # ends it at the next step (and checkpoints, with a run_dir)
+    history = run.wait()                  # or `await run` in a notebook, which keeps the kernel free
 
 Each batch is read from the stream once and fed to every SAE; each SAE has its own Adam and lr
 schedule. Nothing here is global: every piece of run state lives on the Trainer and goes into its
@@ -13,10 +17,14 @@ changing either.
 """
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import dataclasses
 import math
 import random
 import re
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -118,7 +126,8 @@ class Trainer:
     checkpoints and the final SAEs (layout in :mod:`workbench.train.checkpoint`).
 
     Public state: ``saes``, ``optimizers`` and ``schedulers`` (dicts by name), ``step`` (steps done),
-    ``tokens_seen`` and ``history`` (the rows :meth:`fit` returns).
+    ``tokens_seen`` and ``history`` (the rows :meth:`fit` returns). :meth:`fit` trains in the calling
+    thread, :meth:`start` in a background one; a trainer runs one of them at a time.
     """
 
     def __init__(self, saes: BaseSAE | dict[str, BaseSAE], cfg: TrainConfig,
@@ -160,10 +169,16 @@ class Trainer:
         # A stream that can say where it is (StreamingActivations): its position, saved in checkpoints.
         self._stream: Any = None
         self._stream_state: dict[str, Any] | None = None
+        # Held while fit or a started run trains; the stop flag is read once per step.
+        self._busy = threading.Lock()
+        self._stop = threading.Event()
+        self._stopped = False  # the last fit ended at a stop() before its last step
 
     def add_callback(self, fn: Callable[[dict[str, Any]], None]) -> None:
-        """Call ``fn(row)`` with each history row as it is added (e.g. a live dashboard)."""
-        self._callbacks.append(fn)
+        """Call ``fn(row)`` with each history row as it is added (e.g. a live dashboard), in the
+        thread that trains (a started run's own). A function added twice is called once."""
+        if fn not in self._callbacks:
+            self._callbacks.append(fn)
 
     # ---------------------------------------------------------------------------------------------
     # The loop
@@ -188,11 +203,64 @@ class Trainer:
         reports about the step's batch (``summarize_metrics``). Values are Python numbers and
         lists, ready for a DataFrame.
         """
+        self._claim()
+        try:
+            self._stop.clear()
+            with self._progress_bar() as bar:
+                return self._fit(stream, bar)
+        finally:
+            self._busy.release()
+
+    def start(self, stream: Iterable[Tensor]) -> TrainingRun:
+        """Train as :meth:`fit` does, in a background thread, and return at once a
+        :class:`TrainingRun`: ``wait()`` (or ``await run`` in a notebook) for the history,
+        ``stop()`` to end it at the next step, ``history`` for the rows logged so far.
+
+        The thread runs the same loop as ``fit``, so a run that is not stopped ends with exactly the
+        weights ``fit`` would give; the callbacks are called in that thread. Torch releases the GIL
+        in its kernels, so a notebook stays responsive while it trains (e.g. a
+        :class:`~workbench.ui.TrainingDashboard` draws the rows). A stream that draws from the
+        global random generators shares them with whatever else runs meanwhile; the workbench's own
+        streams carry their own generators. One run per trainer at a time: starting a second, or
+        calling ``fit``, while one trains is a RuntimeError.
+        """
+        self._claim()
+        try:
+            if self.step == 0:
+                self._refuse_used_run_dir()  # said now, not at wait()
+            self._stop.clear()
+            # Made here so that a notebook shows it under the cell that started the run.
+            bar = self._progress_bar()
+        except BaseException:
+            self._busy.release()
+            raise
+        run = TrainingRun(self)
+        # The thread runs in a copy of this context: Jupyter sends what it prints (and the
+        # progress bar's updates) to the cell that started it, not to whichever cell runs then.
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(run._train, stream, bar),
+                                  name="workbench-train", daemon=True)
+        run._thread = thread
+        thread.start()
+        return run
+
+    def _claim(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("this trainer is already training (a started run); wait for it with "
+                               "run.wait() or end it with run.stop() before training it again")
+
+    def _progress_bar(self) -> tqdm:
+        return tqdm(total=self.cfg.total_steps, initial=self.step, desc="train", unit="step",
+                    disable=not self.cfg.progress_bar)
+
+    def _fit(self, stream: Iterable[Tensor], bar: tqdm) -> list[dict[str, Any]]:
+        """The body of :meth:`fit`, run by ``fit`` in the caller's thread and by :meth:`start` in
+        its own."""
+        self._stopped = False
         batches = self._open_stream(stream)
         for sae in self.saes.values():
             sae.train()
         try:
-            self._fit_loop(batches)
+            self._fit_loop(batches, bar)
         finally:
             if self._stream is not None:
                 self._stream_state = self._stream.state_dict()
@@ -201,25 +269,26 @@ class Trainer:
             sae.eval()
         return self.history
 
-    def _fit_loop(self, batches: Iterator[tuple[int, Any]]) -> None:
+    def _fit_loop(self, batches: Iterator[tuple[int, Any]], bar: tqdm) -> None:
         stats = None
-        with tqdm(total=self.cfg.total_steps, initial=self.step, desc="train", unit="step",
-                  disable=not self.cfg.progress_bar) as bar:
-            while self.step < self.cfg.total_steps:
-                item = next(batches, None)
-                if item is None:
-                    break
-                x_BD = self._check_batch(*item)
-                if self.step == 0:
-                    for sae in self.saes.values():
-                        sae.init_from_data_(x_BD)
-                stats = self.train_step(x_BD)
-                bar.update()
-                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
-                    self._check_finite()
-                    self._log(stats, bar)
-                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                    self._checkpoint()
+        while self.step < self.cfg.total_steps:
+            if self._stop.is_set():  # a TrainingRun's stop(): end at this step boundary
+                self._end_stopped()
+                return
+            item = next(batches, None)
+            if item is None:
+                break
+            x_BD = self._check_batch(*item)
+            if self.step == 0:
+                for sae in self.saes.values():
+                    sae.init_from_data_(x_BD)
+            stats = self.train_step(x_BD)
+            bar.update()
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
+                self._check_finite()
+                self._log(stats, bar)
+            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self._checkpoint()
 
         if self.step == 0:
             raise BatchError("the activation stream yielded no batches; pass a non-empty iterable of "
@@ -237,6 +306,19 @@ class Trainer:
             if self._checkpointed_step != self.step:
                 self._checkpoint()
             checkpoint.save_final_saes(self.run_dir, self.saes, self._metadata(), self.input_scale)
+
+    def _end_stopped(self) -> None:
+        """A stopped run: checkpointed as at a checkpoint step (with a run_dir), so that
+        ``Trainer.resume`` (or ``fit`` on this trainer) continues it exactly; the final SAE folders
+        are left to the run that reaches its last step. No history row is added."""
+        self._stopped = True
+        self._check_finite(weights=True)
+        if self.run_dir is not None and self.step > 0 and self._checkpointed_step != self.step:
+            self._checkpoint()
+        if self.step > 0:
+            # fit on this same trainer replays the stream to here, then restores the generators as
+            # they are now, as Trainer.resume does from the checkpoint.
+            self._resumed_rng = checkpoint.rng_state()
 
     def train_step(self, x_BD: Tensor) -> dict[str, dict[str, Any]]:
         """One optimiser step of every SAE on the batch ``x_BD`` (on the SAEs' device and dtype);
@@ -297,9 +379,8 @@ class Trainer:
         """(position, batch) pairs from the first batch not yet trained on. Seeds the generators
         first and, on a resumed run, restores their saved states after skipping, so a stream that
         draws from them replays exactly as in the uninterrupted run."""
-        if self.step == 0 and self.run_dir is not None and checkpoint.latest_checkpoint(self.run_dir):
-            raise ValueError(f"{self.run_dir} already holds a run with checkpoints; continue it with "
-                             f"Trainer.resume({str(self.run_dir)!r}) or train into a new run_dir")
+        if self.step == 0:
+            self._refuse_used_run_dir()
         _seed_all(self.cfg.seed)
         if _has_position(stream):
             self._stream = stream
@@ -316,6 +397,11 @@ class Trainer:
             checkpoint.set_rng_state(self._resumed_rng)
             self._resumed_rng = None
         return batches
+
+    def _refuse_used_run_dir(self) -> None:
+        if self.run_dir is not None and checkpoint.latest_checkpoint(self.run_dir):
+            raise ValueError(f"{self.run_dir} already holds a run with checkpoints; continue it with "
+                             f"Trainer.resume({str(self.run_dir)!r}) or train into a new run_dir")
 
     # ---------------------------------------------------------------------------------------------
     # Logging and checkpoints
@@ -428,6 +514,174 @@ class Trainer:
         return trainer
 
 
+class TrainingRun:
+    """A :class:`Trainer` training in a background thread, as :meth:`Trainer.start` returns it.
+
+        run = trainer.start(stream)
+        run.history              # the rows logged so far (a copy)
+        run.stop()               # end at the next step boundary (checkpointed with a run_dir)
+        history = run.wait()     # blocks; or `history = await run` in a notebook, which leaves the
+                                 # kernel free (widgets keep drawing, a Stop button works)
+
+    ``wait`` re-raises what the training raised (e.g. :class:`NonFiniteError`), in the caller.
+    Interrupting ``wait`` (or ``await run``) stops the run, as interrupting ``fit`` would end it.
+    """
+
+    POLL_SECONDS = 0.25
+    """How often ``wait`` and ``await run`` look at the thread, and call the :meth:`watch` functions."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self._thread: threading.Thread | None = None
+        self._finished = threading.Event()
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._watchers: list[Callable[[TrainingRun], None]] = []
+        self._done_callbacks: list[Callable[[TrainingRun], None]] = []
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------------------
+    # State
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is still training."""
+        return not self._finished.is_set()
+
+    @property
+    def done(self) -> bool:
+        """Whether training has ended: finished, stopped, or failed (then ``error`` says why)."""
+        return self._finished.is_set()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the run ended because of :meth:`stop` before its last step."""
+        return self._stopped
+
+    @property
+    def error(self) -> BaseException | None:
+        """What the training raised, once it has ended; None while it runs or if it succeeded."""
+        return self._error if self.done else None
+
+    @property
+    def step(self) -> int:
+        """Steps done so far (the trainer's ``step``)."""
+        return self.trainer.step
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """A copy of the history rows logged so far."""
+        return list(self.trainer.history)
+
+    def __repr__(self) -> str:
+        total = self.trainer.cfg.total_steps
+        state = ("running" if self.running else "stopped" if self._stopped
+                 else f"failed ({type(self._error).__name__})" if self._error is not None else "finished")
+        return f"<TrainingRun {state} at step {self.trainer.step:,} of {total:,}>"
+
+    # ---------------------------------------------------------------------------------------------
+    # Control
+
+    def stop(self) -> None:
+        """Ask the run to stop at the next step boundary and return at once (``wait`` for it). The
+        trainer then writes a checkpoint if it has a run_dir, as at a checkpoint step, so that
+        ``Trainer.resume(run_dir).fit(stream)`` (or ``fit`` on this same trainer) continues it
+        bit for bit; the final SAE folders are written by the run that reaches its last step. A run
+        that has ended ignores it."""
+        with self._lock:
+            if self.running:
+                self.trainer._stop.set()
+
+    def wait(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Block until training ends and return the history, as ``fit`` does; re-raise what the
+        training raised. With ``timeout`` (seconds), raise TimeoutError if it is still training
+        then. The :meth:`watch` functions are called from this thread while it waits."""
+        if self._thread is threading.current_thread():
+            raise RuntimeError("wait() was called from the training thread itself (a callback), where it "
+                               "would wait forever; call stop() there instead")
+        deadline = None if timeout is None else _now() + timeout
+        try:
+            while not self._finished.wait(self._slice(deadline)):
+                self._call_watchers()
+                if deadline is not None and _now() >= deadline:
+                    raise TimeoutError(f"the run is still training after {timeout:g} s (step "
+                                       f"{self.trainer.step:,} of {self.trainer.cfg.total_steps:,}); "
+                                       f"wait() again, or stop() it")
+        except KeyboardInterrupt:
+            self.stop()
+            self._finished.wait()
+            raise
+        return self._result()
+
+    def __await__(self):
+        """``history = await run`` in a notebook: wait without blocking the kernel."""
+        return self._wait_async().__await__()
+
+    async def _wait_async(self) -> list[dict[str, Any]]:
+        try:
+            while not self._finished.is_set():
+                await asyncio.sleep(self.POLL_SECONDS)
+                self._call_watchers()
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            self.stop()  # an interrupted cell ends the run, at the next step
+            raise
+        return self._result()
+
+    def watch(self, fn: Callable[[TrainingRun], None]) -> None:
+        """Call ``fn(run)`` from the thread that waits on this run (``wait`` or ``await run``),
+        every ``POLL_SECONDS`` while it waits and once when it returns, e.g. to draw the rows of a
+        dashboard in the notebook's own thread."""
+        self._watchers.append(fn)
+
+    def add_done_callback(self, fn: Callable[[TrainingRun], None]) -> None:
+        """Call ``fn(run)`` when training ends (in the training thread; at once if it has ended)."""
+        with self._lock:
+            if not self.done:
+                self._done_callbacks.append(fn)
+                return
+        fn(self)
+
+    # ---------------------------------------------------------------------------------------------
+    # The thread
+
+    def _train(self, stream: Iterable[Tensor], bar: tqdm) -> None:
+        try:
+            with bar:
+                self.trainer._fit(stream, bar)
+        except BaseException as exc:  # handed to wait(); nothing is printed from the thread
+            self._error = exc
+        finally:
+            trainer = self.trainer
+            self._stopped = trainer._stopped and self._error is None
+            trainer._stop.clear()
+            trainer._busy.release()
+            with self._lock:
+                self._finished.set()
+                callbacks, self._done_callbacks = self._done_callbacks, []
+            for fn in callbacks:
+                try:
+                    fn(self)
+                except Exception as exc:  # a broken callback must not hide the run's own result
+                    warnings.warn(f"a TrainingRun done callback raised {exc!r}", stacklevel=1)
+
+    def _result(self) -> list[dict[str, Any]]:
+        if self._thread is not None:
+            self._thread.join()
+        self._call_watchers()
+        if self._error is not None:
+            raise self._error
+        return self.trainer.history
+
+    def _call_watchers(self) -> None:
+        for fn in list(self._watchers):
+            fn(self)
+
+    def _slice(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.POLL_SECONDS
+        return max(0.0, min(self.POLL_SECONDS, deadline - _now()))
+
+
 @torch.no_grad()
 def _step_stats(out: SAEOutput, loss: Tensor, x_BD: Tensor, lr: float) -> dict[str, Any]:
     """The numbers a history row reports, kept as device tensors so steps that are not logged cost
@@ -478,6 +732,10 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
+
+
+def _now() -> float:
+    return time.monotonic()
 
 
 def _is_int(value: Any) -> bool:
