@@ -229,7 +229,12 @@ class FeatureBrowser(pn.viewable.Viewer):
             pn.pane.Markdown("### Top activations"), self.contexts,
             pn.pane.Markdown("### Samples by activation quantile"), self.samples,
             sizing_mode="stretch_width", min_width=420)
-        self._layout = pn.Row(left, right, sizing_mode="stretch_width")
+        # Side by side when there is room for both (about 950 px), else the detail below the table:
+        # a notebook's output area with the file browser open is narrower than the window.
+        left.styles = {"flex": "1 1 500px"}
+        right.styles = {"flex": "1 1 420px"}
+        self._layout = pn.FlexBox(left, right, flex_wrap="wrap", align_items="flex-start", gap="0 16px",
+                                  sizing_mode="stretch_width")
         self._render(self.index.check_feature(self.feature))
         if self.group_filter is not None:  # FeatureBrowser(index, group_filter=2)
             self.param.trigger("group_filter")
