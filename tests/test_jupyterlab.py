@@ -71,6 +71,7 @@ def lab(tmp_path):
 
 
 def test_notebook_04_runs_in_jupyterlab_and_its_browser_answers_clicks_offline(lab, tmp_path):
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import expect, sync_playwright
 
     shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS") or tmp_path)
@@ -125,9 +126,15 @@ def test_notebook_04_runs_in_jupyterlab_and_its_browser_answers_clicks_offline(l
         expect(page.locator(f'.wb-summary[data-feature="{target}"]').first).to_have_text(
             re.compile(rf"^Feature {target}(?!\d)"), timeout=30_000)
 
+        header = page.locator('.tabulator-col[tabulator-field="feature"]').first
         for width in (1600, 1100):
             page.set_viewport_size({"width": width, "height": 1000})
-            rows.first.scroll_into_view_if_needed()
+            for _ in range(5):  # the table redraws at the new width: its elements come and go
+                try:
+                    header.scroll_into_view_if_needed(timeout=5_000)
+                    break
+                except PlaywrightError:
+                    page.wait_for_timeout(500)
             page.screenshot(path=shots / f"notebook04_jupyterlab_{width}.png")
         chromium.close()
 
