@@ -142,7 +142,7 @@ def sae_metadata(cfg: dict[str, Any]) -> dict[str, Any]:
 def read_metadata(path: str | Path, subfolder: str | None = None) -> dict[str, Any]:
     """:func:`sae_metadata` of the SAE folder ``path`` (or hub id, :func:`resolve`), sparsify's included."""
     folder = resolve(path, subfolder)
-    if is_sparsify_folder(folder) and not (folder / WEIGHTS_FILE).is_file():
+    if _is_sparsify(folder):
         return sparsify_metadata(folder)
     return sae_metadata(read_config(folder))
 
@@ -204,12 +204,17 @@ def _hub_snapshot(repo_id: str, subfolder: str | None) -> Path:
     return folder
 
 
+def _is_sparsify(folder: Path) -> bool:
+    """A sparsify folder, not ours or SAELens' (which may hold a stray sae.safetensors beside theirs)."""
+    return is_sparsify_folder(folder) and not (folder / WEIGHTS_FILE).is_file()
+
+
 def load(path: str | Path, subfolder: str | None = None) -> BaseSAE:
     """Rebuild the exact module saved in ``path`` (in eval mode): a folder written here or by
     SAELens (computing as SAELens does, on raw activations), or by sparsify; ``path`` may be a hub
     id, with the SAE in ``subfolder`` (:func:`resolve`)."""
     folder = resolve(path, subfolder)
-    if is_sparsify_folder(folder) and not (folder / WEIGHTS_FILE).is_file():
+    if _is_sparsify(folder):
         return load_sparsify(folder)
     cfg = read_config(folder)
     check_saelens_fields(cfg, folder / CFG_FILE)
