@@ -20,6 +20,13 @@ from torch import Tensor, nn
 from ..configtools import check_fields
 
 
+def count_ids(ids: Tensor, n: int) -> Tensor:
+    """(n,) int64: how often each id 0..n-1 occurs in ``ids``. ``torch.bincount`` on a GPU first reads
+    the largest id back to the host; this never does."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(
+        0, ids.reshape(-1), torch.ones(ids.numel(), dtype=torch.long, device=ids.device))
+
+
 class Code(NamedTuple):
     """The sparse code of a batch.
 
@@ -52,7 +59,8 @@ class Code(NamedTuple):
         if self.idx is None:
             return fired.sum(0)
         counts_F = torch.zeros(self.d_sae, dtype=torch.long, device=self.acts.device)
-        return counts_F.index_add_(0, self.idx[fired], torch.ones_like(self.idx[fired]))
+        # Weighted by fired rather than indexed by it: a boolean index would wait for the GPU.
+        return counts_F.index_add_(0, self.idx.reshape(-1), fired.reshape(-1).long())
 
 
 class SAEOutput(NamedTuple):
@@ -183,6 +191,13 @@ class BaseSAE(nn.Module, abc.ABC):
         """Which expert or prefix each latent belongs to; None for a flat dictionary."""
         return None
 
+    def row_sparse_weights(self) -> list[RowWeight]:
+        """The dictionary weights whose training gradient reaches only the rows of the latents that
+        fired in the batch (the k-sparse architectures' encoder and decoder), so that an optimiser can
+        step those rows alone (``TrainConfig.optimizer="sparse_adam"``). Empty (the default) for an
+        architecture whose every latent gets gradient from every token."""
+        return []
+
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> BaseSAE:
         """Make the SAE, trained on ``scale * x``, read raw activations x; returns self.
@@ -262,6 +277,17 @@ class BaseSAE(nn.Module, abc.ABC):
             )
 
 
+def topk_into(pre_CF: Tensor, k: int, vals_CK: Tensor, idx_CK: Tensor) -> None:
+    """``torch.topk`` of each row into the given buffers (views of the batch's), also when autocast
+    made the pre-activations bfloat16 and the buffers are float32 (then through a copy)."""
+    if pre_CF.dtype == vals_CK.dtype:
+        torch.topk(pre_CF, k, dim=-1, sorted=False, out=(vals_CK, idx_CK))
+    else:
+        vals, idx = torch.topk(pre_CF, k, dim=-1, sorted=False)
+        vals_CK.copy_(vals)
+        idx_CK.copy_(idx)
+
+
 def init_tied_weights(cfg: SAEConfig) -> tuple[Tensor, Tensor]:
     """Random unit-norm decoder rows and the encoder set to their transpose (Gao et al. A.1).
 
@@ -272,6 +298,66 @@ def init_tied_weights(cfg: SAEConfig) -> tuple[Tensor, Tensor]:
     W_dec_FD = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
     W_dec_FD /= W_dec_FD.norm(dim=-1, keepdim=True)
     return W_dec_FD.t().contiguous(), W_dec_FD
+
+
+def latent_major(W_DF: Tensor) -> Tensor:
+    """The same (D, F) values stored latent by latent (the transpose of a contiguous (F, D)), so that
+    one latent's encoder weights are one contiguous row: a row-sparse step gathers and writes them
+    as it does the decoder's. Matmuls read either layout at the same speed; saved files are
+    unchanged (they are written contiguous)."""
+    return W_DF.t().contiguous().t()
+
+
+class RowWeight(NamedTuple):
+    """A dictionary weight trained row by row (see :meth:`BaseSAE.row_sparse_weights`)."""
+
+    name: str
+    """The parameter's name (``"W_enc"``, ``"W_dec"``)."""
+    param: nn.Parameter
+    """The parameter itself, in its saved shape."""
+    rows_FD: Tensor
+    """The same storage seen as (F, D), one row per latent (``W_enc.t()``, ``W_dec``)."""
+    unit_norm: bool
+    """Whether its rows are kept at unit norm (the decoder)."""
+
+
+def encoder_decoder_rows(sae: BaseSAE) -> list[RowWeight]:
+    """``W_enc`` (as its (F, D) transpose) and ``W_dec`` as row-sparse weights, for the architectures
+    whose gradients reach only the selected latents (:meth:`BaseSAE.row_sparse_weights`)."""
+    return [RowWeight("W_enc", sae.W_enc, sae.W_enc.t(), False), RowWeight("W_dec", sae.W_dec, sae.W_dec, True)]
+
+
+ROW_GRADS = "_workbench_row_grads"
+"""The attribute under which a parameter collects its row-sparse gradients during one backward: a
+list of (ids_T, rows_TD) pairs, one per sparse encode or decode that used it. Set by the trainer
+before the forward (:func:`collect_row_grads`); while it is set, :func:`sparse_encode` and
+:func:`sparse_decode` give that parameter no dense gradient at all."""
+
+
+def collect_row_grads(param: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Start collecting ``param``'s row-sparse gradients for the next forward and backward; returns
+    the list they are appended to (read it with :func:`merged_row_grads` after ``backward``)."""
+    sink: list[tuple[Tensor, Tensor]] = []
+    setattr(param, ROW_GRADS, sink)
+    return sink
+
+
+def stop_collecting_row_grads(param: Tensor) -> None:
+    if hasattr(param, ROW_GRADS):
+        delattr(param, ROW_GRADS)
+
+
+def merged_row_grads(sink: list[tuple[Tensor, Tensor]], d: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """One (ids_T sorted and unique, rows_TD) from the pairs a backward appended (a latent used by
+    both the main and the AuxK selection gets the sum of its rows)."""
+    if not sink:
+        return torch.empty(0, dtype=torch.long, device=like.device), like.new_empty(0, d)
+    if len(sink) == 1:
+        return sink[0]
+    ids_N = torch.cat([ids for ids, _ in sink])
+    rows_ND = torch.cat([rows for _, rows in sink])
+    ids_T, inverse_N = torch.unique(ids_N, sorted=True, return_inverse=True)
+    return ids_T, rows_ND.new_zeros(len(ids_T), d).index_add_(0, inverse_N, rows_ND)
 
 
 class UnitNormDecoder:
@@ -323,7 +409,7 @@ def _latent_order(idx_BK: Tensor, d_sae: int) -> tuple[Tensor, Tensor, Tensor]:
     """
     idx_N = idx_BK.reshape(-1)
     order_N = idx_N.argsort()
-    counts_F = torch.bincount(idx_N, minlength=d_sae)
+    counts_F = count_ids(idx_N, d_sae)
     offsets_F = counts_F.cumsum(0).sub_(counts_F)
     return order_N, order_N.div(idx_BK.shape[1], rounding_mode="floor"), offsets_F
 
@@ -339,6 +425,26 @@ def _segment_sum(src_BD: Tensor, weight_N: Tensor, idx_BK: Tensor, d_sae: int) -
                            per_sample_weights=weight_N.reshape(-1)[order_N])
 
 
+def _touched_rows(src_BD: Tensor, weight_BK: Tensor, idx_BK: Tensor, fired_BK: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows of :func:`_segment_sum` for the latents that fired only: ``ids_T`` (sorted, unique
+    latent ids with at least one pair where ``fired_BK``), ``rows_TD`` (row t = sum over those
+    pairs of weight * src[b]) and ``sums_T`` (the pairs' weights summed per latent). Its cost grows
+    with the B*K pairs, never with the dictionary's width."""
+    k = idx_BK.shape[1]
+    pos_N = fired_BK.reshape(-1).nonzero().squeeze(1)
+    if len(pos_N) == 0:  # nothing fired (an AuxK selection with no dead latent)
+        return idx_BK.new_empty(0), src_BD.new_empty(0, src_BD.shape[1]), weight_BK.new_empty(0)
+    ids_sorted_N, order_N = idx_BK.reshape(-1)[pos_N].sort(stable=True)
+    ids_T, inverse_N, counts_T = torch.unique_consecutive(ids_sorted_N, return_inverse=True, return_counts=True)
+    pos_N = pos_N[order_N]
+    weight_N = weight_BK.reshape(-1)[pos_N]
+    rows_TD = F.embedding_bag(pos_N.div(k, rounding_mode="floor"), src_BD, counts_T.cumsum(0).sub_(counts_T),
+                              mode="sum", per_sample_weights=weight_N)
+    sums_T = weight_N.new_zeros(len(ids_T)).index_add_(0, inverse_N, weight_N)
+    return ids_T, rows_TD, sums_T
+
+
 class _SparseEncode(torch.autograd.Function):
     """Given pre-activations already computed, pass gradient only to the selected latents.
 
@@ -352,15 +458,28 @@ class _SparseEncode(torch.autograd.Function):
     def forward(ctx, x_BD, b_pre_D, W_enc_DF, b_enc_F, acts_BK, idx_BK):
         ctx.save_for_backward(x_BD, b_pre_D, W_enc_DF, idx_BK, acts_BK)
         ctx.has_b_enc = b_enc_F is not None
+        ctx.row_grads = getattr(W_enc_DF, ROW_GRADS, None)
         return acts_BK.clone()
 
     @staticmethod
     def backward(ctx, grad_BK):
         x_BD, b_pre_D, W_enc_DF, idx_BK, acts_BK = ctx.saved_tensors
         # Gradient of ReLU(pre) at the kept entries: zero where the kept value was clamped to 0.
-        grad_BK = grad_BK * (acts_BK > 0)
+        fired_BK = acts_BK > 0
+        grad_BK = grad_BK * fired_BK
         d_sae = W_enc_DF.shape[1]
         grad_W = grad_b_pre = grad_b_enc = None
+        if ctx.row_grads is not None and ctx.needs_input_grad[2]:
+            # Row-sparse: W_enc's gradient as the fired latents' rows only, and b_pre's from those
+            # latents' encoder rows (never a pass over all F).
+            ids_T, rows_TD, sums_T = _touched_rows(x_BD - b_pre_D, grad_BK, idx_BK, fired_BK)
+            ctx.row_grads.append((ids_T, rows_TD))
+            if ctx.needs_input_grad[1] and len(ids_T):  # -(sum_t sums_t W_enc[:, t]), rows not gathered
+                grad_b_pre = -F.embedding_bag(ids_T[None], W_enc_DF.t(), mode="sum",
+                                              per_sample_weights=sums_T[None])[0]
+            if ctx.has_b_enc and ctx.needs_input_grad[3]:
+                grad_b_enc = W_enc_DF.new_zeros(d_sae).index_copy_(0, ids_T, sums_T)
+            return None, grad_b_pre, None, grad_b_enc, None, None
         if ctx.needs_input_grad[2]:
             grad_W = _segment_sum(x_BD - b_pre_D, grad_BK, idx_BK, d_sae).t()
         if ctx.needs_input_grad[1] or (ctx.has_b_enc and ctx.needs_input_grad[3]):
@@ -389,6 +508,7 @@ class _DecoderWeightGrad(torch.autograd.Function):
     def forward(ctx, out_BD, acts_BK, idx_BK, W_dec_FD):
         ctx.save_for_backward(acts_BK, idx_BK)
         ctx.d_sae = W_dec_FD.shape[0]
+        ctx.row_grads = getattr(W_dec_FD, ROW_GRADS, None)
         # Returned as-is and marked dirty (not a view): the caller may modify the result in place.
         ctx.mark_dirty(out_BD)
         return out_BD
@@ -397,7 +517,10 @@ class _DecoderWeightGrad(torch.autograd.Function):
     def backward(ctx, grad_BD):
         acts_BK, idx_BK = ctx.saved_tensors
         grad_W = None
-        if ctx.needs_input_grad[3]:
+        if ctx.row_grads is not None and ctx.needs_input_grad[3]:
+            ids_T, rows_TD, _ = _touched_rows(grad_BD.contiguous(), acts_BK, idx_BK, acts_BK != 0)
+            ctx.row_grads.append((ids_T, rows_TD))
+        elif ctx.needs_input_grad[3]:
             grad_W = _segment_sum(grad_BD.contiguous(), acts_BK, idx_BK, ctx.d_sae)
         return grad_BD, None, None, grad_W
 

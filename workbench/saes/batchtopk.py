@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import WORKBENCH_ARCHITECTURE_KEY, Code, SAEOutput, pad_rows
+from .base import WORKBENCH_ARCHITECTURE_KEY, Code, SAEOutput, pad_rows, topk_into
 from .topk import DeadTopK, TopKConfig, TopKSAE
 
 
@@ -91,7 +91,7 @@ class BatchTopKSAE(TopKSAE):
         vals_BC = x_BD.new_empty(n_rows, cap)
         idx_BC = torch.empty(n_rows, cap, dtype=torch.long, device=x_BD.device)
         for rows, pre_CF in self._pre_act_chunks(x_BD):
-            torch.topk(pre_CF, cap, dim=-1, sorted=False, out=(vals_BC[rows], idx_BC[rows]))
+            topk_into(pre_CF, cap, vals_BC[rows], idx_BC[rows])
             if aux is not None:
                 aux.add(rows, pre_CF)
         if cap < d_sae:
@@ -103,7 +103,7 @@ class BatchTopKSAE(TopKSAE):
                     pre_RF += self.b_enc
                 vals_BC = F.pad(vals_BC, (0, d_sae - cap), value=-torch.inf)
                 idx_BC = F.pad(idx_BC, (0, d_sae - cap))
-                vals_BC[full_B], idx_BC[full_B] = pre_RF, torch.arange(d_sae, device=x_BD.device)
+                vals_BC[full_B], idx_BC[full_B] = pre_RF.to(vals_BC.dtype), torch.arange(d_sae, device=x_BD.device)
         vals_N, pick_N = vals_BC.flatten().topk(n_keep, sorted=False)
         return pad_rows(pick_N.div(vals_BC.shape[1], rounding_mode="floor"), idx_BC.flatten()[pick_N],
                         vals_N.relu(), n_rows)

@@ -18,6 +18,7 @@ the feature browser can list one level at a time. Saved like BatchTopK (SAELens 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ class MatryoshkaConfig(BatchTopKConfig):
         widths = self.widths
         if any(w <= 0 for w in widths):
             raise ValueError(f"matryoshka_widths={widths} must be positive integers")
-        if any(b <= a for a, b in zip(widths, widths[1:])):
+        if any(b <= a for a, b in itertools.pairwise(widths)):
             raise ValueError(f"matryoshka_widths={widths} must be strictly increasing")
         if widths[-1] != self.d_sae:
             raise ValueError(f"matryoshka_widths={widths} must end with d_sae={self.d_sae}, the whole dictionary")

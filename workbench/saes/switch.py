@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import (BaseSAE, Code, LatentGroups, SAEConfig, SAEOutput, check_k, geometric_median, init_tied_weights,
-                   sparse_decode, sparse_encode, topk_lr)
+from .base import (BaseSAE, Code, LatentGroups, RowWeight, SAEConfig, SAEOutput, check_k, count_ids,
+                   encoder_decoder_rows, geometric_median, init_tied_weights, latent_major, sparse_decode,
+                   sparse_encode, topk_lr)
 
 GATES = ("softmax", "heaviside")
 
@@ -69,7 +70,7 @@ class SwitchSAE(BaseSAE):
     def __init__(self, cfg: SwitchConfig):
         super().__init__(cfg)
         W_enc_DF, W_dec_FD = init_tied_weights(cfg)
-        self.W_enc = nn.Parameter(W_enc_DF)
+        self.W_enc = nn.Parameter(latent_major(W_enc_DF))
         self.W_dec = nn.Parameter(W_dec_FD)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         # Experts have no encoder bias; a frozen zero b_enc keeps the SAELens key set complete.
@@ -99,17 +100,23 @@ class SwitchSAE(BaseSAE):
         """
         k, width = self.cfg.k, self.cfg.expert_width
         order_B = expert_B.argsort(stable=True)
-        counts = torch.bincount(expert_B, minlength=self.cfg.n_experts).tolist()
+        counts = count_ids(expert_B, self.cfg.n_experts).tolist()  # the step's one device sync
         xc_BD = torch.index_select(x_BD, 0, order_B).sub_(self.b_dec)
-        pre_BW = x_BD.new_empty(x_BD.shape[0], width)
+        # Under autocast the matmuls run in its dtype (bfloat16 on a GPU), not into a float32 buffer.
+        autocast = torch.is_autocast_enabled(x_BD.device.type)
+        dtype = torch.get_autocast_dtype(x_BD.device.type) if autocast else x_BD.dtype
+        pre_BW = x_BD.new_empty(x_BD.shape[0], width, dtype=dtype)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                torch.mm(xc_BD[start:start + n], self.W_enc[:, e * width:(e + 1) * width],
-                         out=pre_BW[start:start + n])
+                W_DW = self.W_enc[:, e * width:(e + 1) * width]
+                if autocast:
+                    pre_BW[start:start + n] = xc_BD[start:start + n] @ W_DW
+                else:
+                    torch.mm(xc_BD[start:start + n], W_DW, out=pre_BW[start:start + n])
             start += n
         vals_BK, idx_BK = pre_BW.topk(k, dim=-1, sorted=False)
-        vals_BK.relu_()
+        vals_BK = vals_BK.to(x_BD.dtype).relu_()
         idx_BK += (expert_B[order_B] * width)[:, None]
         # Back to the tokens' own order: row order_B[j] of the result is row j of the sorted batch.
         unsorted_vals, unsorted_idx = torch.empty_like(vals_BK), torch.empty_like(idx_BK)
@@ -141,7 +148,7 @@ class SwitchSAE(BaseSAE):
         if self.cfg.lb_alpha > 0:
             losses["load_balance"] = self.cfg.lb_alpha * load_balance_loss(probs_BE, expert_B)
         probs_BE = probs_BE.detach()
-        metrics = {"expert_tokens": torch.bincount(expert_B, minlength=self.cfg.n_experts),
+        metrics = {"expert_tokens": count_ids(expert_B, self.cfg.n_experts),
                    "router_prob": probs_BE.sum(0),
                    "router_entropy": torch.special.entr(probs_BE).sum()}
         return SAEOutput(recon_BD, Code(acts_BK, idx_BK, self.cfg.d_sae), losses, metrics)
@@ -174,6 +181,11 @@ class SwitchSAE(BaseSAE):
         raise ValueError("apply_b_dec_to_input=false is not supported for a Switch SAE: its experts have no "
                          "encoder bias to absorb b_dec; save it with apply_b_dec_to_input true")
 
+    def row_sparse_weights(self) -> list[RowWeight]:
+        """The encoder and the decoder: only the k latents each token selects inside its expert get
+        their rows' gradient."""
+        return encoder_decoder_rows(self)
+
     def flops_per_token(self, training: bool = False) -> int:
         """Forward: router 2*d*E + one expert's encoder 2*d*M/E + sparse decoder 2*k*d. A training
         step adds the router backward (2 * 2*d*E) and the sparse encoder-weight, decoder-weight and
@@ -187,5 +199,5 @@ def load_balance_loss(probs_BE: Tensor, expert_B: Tensor) -> Tensor:
     """Switch Transformer load-balancing loss N * sum_i f_i P_i; equals 1 when routing is uniform.
     f_i (the argmax counts) carries no gradient; the router learns through P_i."""
     n_experts = probs_BE.shape[1]
-    f_E = torch.bincount(expert_B, minlength=n_experts).to(probs_BE.dtype) / expert_B.shape[0]
+    f_E = count_ids(expert_B, n_experts).to(probs_BE.dtype) / expert_B.shape[0]
     return n_experts * (f_E * probs_BE.mean(0)).sum()

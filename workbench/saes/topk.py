@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import (BaseSAE, Code, SAEConfig, SAEOutput, check_k, geometric_median, init_tied_weights,
-                   sparse_decode, sparse_encode, topk_lr)
+from .base import (BaseSAE, Code, RowWeight, SAEConfig, SAEOutput, check_k, encoder_decoder_rows,
+                   geometric_median, init_tied_weights, latent_major, sparse_decode, sparse_encode, topk_into, topk_lr)
 
 _CHUNK_ELEMENTS = 6 * 2**20
 """Pre-activations per encoder chunk on the CPU (24 MiB in float32: below glibc's 32 MiB mmap
@@ -73,7 +73,7 @@ class TopKSAE(BaseSAE):
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
         W_enc_DF, W_dec_FD = init_tied_weights(cfg)
-        self.W_enc = nn.Parameter(W_enc_DF)
+        self.W_enc = nn.Parameter(latent_major(W_enc_DF))
         self.W_dec = nn.Parameter(W_dec_FD)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae), requires_grad=cfg.latent_bias)
@@ -110,14 +110,18 @@ class TopKSAE(BaseSAE):
         vals_BK = x_BD.new_empty(x_BD.shape[0], k)
         idx_BK = torch.empty(x_BD.shape[0], k, dtype=torch.long, device=x_BD.device)
         for rows, pre_CF in self._pre_act_chunks(x_BD):
-            torch.topk(pre_CF, k, dim=-1, sorted=False, out=(vals_BK[rows], idx_BK[rows]))
+            topk_into(pre_CF, k, vals_BK[rows], idx_BK[rows])
             if aux is not None:
                 aux.add(rows, pre_CF)
         return vals_BK, idx_BK
 
     def _auxk(self, x_BD: Tensor, dead_mask: Tensor | None) -> DeadTopK | None:
-        """The AuxK selection for this batch: only in training, with AuxK on and dead latents."""
-        if not (self.training and self.cfg.auxk_coef > 0 and dead_mask is not None and dead_mask.any()):
+        """The AuxK selection for this batch: only in training, with AuxK on and dead latents. On a
+        GPU, where asking whether any latent is dead would wait for the device, it always runs; with
+        none dead its loss is multiplied by 0."""
+        if not (self.training and self.cfg.auxk_coef > 0 and dead_mask is not None):
+            return None
+        if _sizes_on_host(x_BD) and not dead_mask.any():
             return None
         return DeadTopK(x_BD, dead_mask, self.cfg.k_aux_eff)
 
@@ -145,7 +149,8 @@ class TopKSAE(BaseSAE):
         aux_acts_BK = sparse_encode(x_BD, self.b_dec, self.W_enc, b_enc, aux.vals_BK.relu(), aux.idx_BK)
         aux_recon_BD = sparse_decode(aux_acts_BK, aux.idx_BK, self.W_dec)
         aux_loss = (err_BD - aux_recon_BD).pow(2).sum(-1).mean() / total_variance(err_BD)
-        return self.cfg.auxk_coef * torch.nan_to_num(aux_loss, nan=0.0, posinf=0.0)
+        aux_loss = self.cfg.auxk_coef * torch.nan_to_num(aux_loss, nan=0.0, posinf=0.0)
+        return aux_loss if aux.exact else aux_loss * aux.any_dead
 
     def saelens_tensors(self) -> dict[str, Tensor]:
         """Without ``latent_bias`` the encoder has no bias: b_enc is written as the zeros it acts as,
@@ -179,6 +184,10 @@ class TopKSAE(BaseSAE):
                              f"{self.cfg.architecture} SAE has latent_bias=false; set latent_bias: true in cfg.json")
         return super().fold_uncentred_input_()
 
+    def row_sparse_weights(self) -> list[RowWeight]:
+        """The encoder and the decoder: only the k selected latents of a token (and its AuxK latents) get their rows' gradient."""
+        return encoder_decoder_rows(self)
+
     def flops_per_token(self, training: bool = False) -> int:
         """Forward: dense encoder 2*d*M + sparse decoder 2*k*d. A training step adds the sparse
         backward: encoder-weight, decoder-weight and latent gradients, 2*k*d each (AuxK excluded)."""
@@ -189,17 +198,28 @@ class TopKSAE(BaseSAE):
 
 class DeadTopK:
     """The top-k_aux pre-activations among the dead latents of each token, filled in chunk by chunk
-    from the same pre-activations as the main selection (after it: the chunk is overwritten)."""
+    from the same pre-activations as the main selection (after it: the chunk is overwritten).
+
+    On the CPU k_aux is capped at the number of dead latents (``exact``). On a GPU, where counting
+    them would wait for the device, it is not: with fewer dead latents than k_aux, the rest of the
+    selection are alive latents at -inf, which ReLU makes 0 (no code, no gradient)."""
 
     def __init__(self, x_BD: Tensor, dead_F: Tensor, k_aux: int):
-        self.k_aux = min(k_aux, int(dead_F.sum()))
+        self.exact = _sizes_on_host(x_BD)
+        self.k_aux = min(k_aux, int(dead_F.sum()) if self.exact else dead_F.shape[0])
+        self.any_dead = dead_F.any()
         self.alive_F = ~dead_F
         self.vals_BK = x_BD.new_empty(x_BD.shape[0], self.k_aux)
         self.idx_BK = torch.empty(x_BD.shape[0], self.k_aux, dtype=torch.long, device=x_BD.device)
 
     def add(self, rows: slice, pre_CF: Tensor) -> None:
-        torch.topk(pre_CF.masked_fill_(self.alive_F, float("-inf")), self.k_aux, dim=-1, sorted=False,
-                   out=(self.vals_BK[rows], self.idx_BK[rows]))
+        topk_into(pre_CF.masked_fill_(self.alive_F, float("-inf")), self.k_aux, self.vals_BK[rows], self.idx_BK[rows])
+
+
+def _sizes_on_host(x_BD: Tensor) -> bool:
+    """Whether a step may read a count back to decide a size (on the CPU it costs nothing; on a GPU
+    it waits for the device)."""
+    return x_BD.device.type == "cpu"
 
 
 def total_variance(x_BD: Tensor) -> Tensor:
