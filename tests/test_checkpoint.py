@@ -79,6 +79,13 @@ def assert_same_run(a: Trainer, b: Trainer) -> None:
         for i in opt_a:
             for key in opt_a[i]:
                 assert torch.equal(opt_a[i][key], opt_b[i][key]), f"{name} optimiser {i}.{key}"
+        rows_a, rows_b = a.row_optimizers[name], b.row_optimizers[name]
+        assert (rows_a is None) == (rows_b is None)
+        if rows_a is not None:
+            assert torch.equal(rows_a.step_count, rows_b.step_count)
+            for weight, moments in rows_a.state.items():
+                for key, tensor in moments.items():
+                    assert torch.equal(tensor, rows_b.state[weight][key]), f"{name} row optimiser {weight}.{key}"
         firing_a, firing_b = a.firing[name].state_dict(), b.firing[name].state_dict()
         assert firing_a["tokens_seen"] == firing_b["tokens_seen"]
         for key in ("tokens_since_fired", "fire_counts"):
@@ -112,6 +119,50 @@ def test_resumed_run_is_bit_identical(tmp_path, straight_run, interruption):
     assert [r for r in history if r["step"] != 13] == straight_run.history
     assert any(r["loss/auxk"] > 0 for r in history if r["sae"] == "topk"), "AuxK never ran"
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000030\n"
+
+
+def k_sparse_saes() -> dict:
+    return {name: sae for name, sae in every_sae().items() if sae.row_sparse_weights()}
+
+
+@pytest.mark.parametrize("fields", [{"optimizer": "sparse_adam"}, {"prefetch": True},
+                                    {"optimizer": "sparse_adam", "prefetch": True}],
+                         ids=["sparse_adam", "prefetch", "both"])
+def test_resume_is_bit_identical_with_sparse_adam_and_prefetch(tmp_path, fields):
+    """The row-sparse optimiser's moments and step count go into checkpoints; with prefetch the
+    checkpoint records the stream and generators after the batch last trained on, not after the one
+    the reading thread has already drawn. (Prefetch alone trains every architecture.)"""
+    saes = k_sparse_saes if "optimizer" in fields else every_sae
+    straight = Trainer(saes(), train_cfg(total_steps=12, **fields), run_dir=tmp_path / "a")
+    straight.fit(SparseStream(12))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(saes(), train_cfg(total_steps=12, **fields), run_dir=tmp_path / "b").fit(SparseStream(12, crash_at=8))
+    resumed = Trainer.resume(tmp_path / "b")
+    assert resumed.step == 5 and resumed.cfg.optimizer == fields.get("optimizer")
+    resumed.fit(SparseStream(12))
+    assert_same_run(straight, resumed)
+    if fields == {"prefetch": True}:  # and prefetching trains exactly what reading in the loop trains
+        plain = Trainer(saes(), train_cfg(total_steps=12), run_dir=tmp_path / "c")
+        plain.fit(SparseStream(12))
+        assert_same_run(straight, plain)
+
+
+def test_prefetch_keeps_a_global_generator_stream_exact_and_reports_bad_batches(tmp_path):
+    """The reading thread draws from the global generator one batch ahead; resume is still exact.
+    A bad batch read by the thread is reported by fit, with its index."""
+    def setup() -> tuple[dict, TrainConfig]:
+        return {"topk": build_sae(make_config("topk", d_in=D, d_sae=F, k=4))}, train_cfg(total_steps=12, prefetch=True)
+
+    straight = Trainer(*setup(), run_dir=tmp_path / "a")
+    straight.fit(GlobalRngStream(12))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(*setup(), run_dir=tmp_path / "b").fit(GlobalRngStream(12, crash_at=7))
+    resumed = Trainer.resume(tmp_path / "b")
+    resumed.fit(GlobalRngStream(12))
+    assert_same_run(straight, resumed)
+    nan = torch.full((B, D), float("nan"))
+    with pytest.raises(BatchError, match=r"^batch 3 contains 4096 NaN/Inf values"):
+        Trainer(*setup(), run_dir=tmp_path / "c").fit(SparseStream(12, bad={3: nan}))
 
 
 def test_checkpoint_that_latest_never_pointed_to_is_replaced(tmp_path, straight_run):

@@ -99,10 +99,14 @@ def test_too_little_text_for_one_batch_says_so():
         next(iter(stream(n_tokens=5)))
 
 
-def test_trainer_checkpoints_the_stream_and_resumes_it_exactly(tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True], ids=["in-loop", "prefetch"])
+def test_trainer_checkpoints_the_stream_and_resumes_it_exactly(tmp_path, prefetch):
+    """With prefetch the reading thread is a batch ahead when the run stops: the checkpoint must hold
+    the position after the batch last trained on."""
     def trainer(run_dir):
         sae = build_sae({"architecture": "topk", "d_in": D, "d_sae": 32, "k": 4, "seed": 0})
-        return Trainer(sae, TrainConfig(total_steps=20, lr=1e-3, checkpoint_every=5, progress_bar=False), run_dir)
+        return Trainer(sae, TrainConfig(total_steps=20, lr=1e-3, checkpoint_every=5, progress_bar=False,
+                                        prefetch=prefetch), run_dir)
 
     straight = trainer(tmp_path / "a")
     straight.fit(stream())
@@ -114,7 +118,7 @@ def test_trainer_checkpoints_the_stream_and_resumes_it_exactly(tmp_path):
     interrupted.fit(stream())
     producer = Producer()
     resumed = Trainer.resume(tmp_path / "b", TrainConfig(total_steps=20, lr=1e-3, checkpoint_every=5,
-                                                         progress_bar=False))
+                                                         progress_bar=False, prefetch=prefetch))
     resumed.fit(stream(producer))
     assert producer.starts[0] > 0  # the model is not run again from the start of the text
     a, b = straight.saes["topk"].state_dict(), resumed.saes["topk"].state_dict()

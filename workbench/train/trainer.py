@@ -39,14 +39,13 @@ from tqdm.auto import tqdm
 from ..eval.metrics import FiringStats
 from ..saes.base import BaseSAE, SAEOutput, UnitNormDecoder
 from . import checkpoint
+from .prefetch import BatchError, Prefetcher, ReadBatch, check_batch, count_nonfinite, nonfinite_error
 from .schedule import make_scheduler
+from .sparse_step import RowAdam, RowGrads, clip_coefficient, dense_sq_norm, row_param_ids
 
 STATE_FORMAT = 2
+OPTIMIZERS = (None, "adam", "sparse_adam")
 _NAME_RE = re.compile(r"[A-Za-z0-9_=+-][A-Za-z0-9_.=+-]*")
-
-
-class BatchError(ValueError):
-    """A batch from the activation stream that the SAEs cannot train on, or no batch at all."""
 
 
 class NonFiniteError(ValueError):
@@ -84,6 +83,26 @@ class TrainConfig:
     them (e.g. the stream); each SAE's initial weights come from its own ``cfg.seed``."""
     progress_bar: bool = True
     """Show a tqdm progress bar over the steps."""
+    optimizer: str | None = None
+    """``"adam"``: torch's fused Adam over every parameter. ``"sparse_adam"``: for SAEs whose
+    dictionary weights get gradient only in the rows of the latents that fired (those that declare
+    ``row_sparse_weights()``: the k-sparse architectures), a step that touches those rows only:
+    row-sparse gradients, clipping, decoder projection and a lazy Adam on them
+    (:mod:`workbench.train.sparse_step`; an untouched row's moments are neither decayed nor
+    applied), fused Adam on the other parameters. Its cost then grows with the latents that fire per
+    batch, not with the dictionary. None: ``"adam"``."""
+    autocast: bool = False
+    """Run each SAE's forward in bfloat16 under ``torch.autocast`` (the encoder matmul is the step);
+    weights, gradients, Adam and the loss stay float32. CUDA only: on a CPU bf16 matmul is ~150x
+    slower than float32, so the trainer refuses it there."""
+    compile: bool = False
+    """``torch.compile`` each SAE's forward (graph breaks where its code is data-dependent: a
+    grouped dispatch, the touched rows). Pays on a GPU, where it fuses the elementwise work
+    around the matmuls; on a CPU the compilation alone takes longer than a short run."""
+    prefetch: bool | None = None
+    """Read the next batch in a background thread while the current one trains (checked for
+    NaN/Inf there, on the CPU, and pinned for a ``non_blocking`` copy to the GPU). None: on when
+    the SAEs are on a GPU. Checkpoints record the stream position of the batch last trained on."""
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -119,6 +138,13 @@ class TrainConfig:
             bad("seed", "must be an integer")
         if not isinstance(self.progress_bar, bool):
             bad("progress_bar", "must be True or False")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"must be one of {OPTIMIZERS}")
+        for name in ("autocast", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
+        if self.prefetch is not None and not isinstance(self.prefetch, bool):
+            bad("prefetch", "must be True, False, or None (on for a GPU)")
 
 
 class Trainer:
@@ -147,12 +173,28 @@ class Trainer:
         self.d_in = _shared("d_in", {name: sae.cfg.d_in for name, sae in self.saes.items()})
         self.device = _shared("device", {name: sae.W_dec.device for name, sae in self.saes.items()})
         self.dtype = _shared("dtype", {name: sae.W_dec.dtype for name, sae in self.saes.items()})
+        if cfg.autocast and self.device.type != "cuda":
+            raise ValueError(f"TrainConfig.autocast=True runs the forward in bfloat16, which needs the SAEs on a "
+                             f"CUDA device (they are on {self.device.type}): on a CPU bf16 matmul is ~150x slower "
+                             f"than float32; leave autocast off there")
+        self._forward = {name: torch.compile(sae) if cfg.compile else sae for name, sae in self.saes.items()}
+        self._prefetch = cfg.prefetch if cfg.prefetch is not None else self.device.type == "cuda"
+        # With prefetch: the batch last trained on, with the stream position and generators after it.
+        self._consumed: ReadBatch | None = None
+        # A batch that arrived on the GPU is checked there: the first bad one's index, read when logged.
+        self._bad_batch = torch.tensor(-1, device=self.device)
 
-        self.optimizers = {name: _adam(sae, sae.default_lr() if cfg.lr is None else cfg.lr, cfg.betas)
+        # With sparse_adam, each SAE's row-sparse weights get a RowAdam and the rest the fused Adam.
+        self.row_optimizers = {name: RowAdam(sae, cfg.betas) if cfg.optimizer == "sparse_adam" else None
+                               for name, sae in self.saes.items()}
+        self.optimizers = {name: _adam(sae, sae.default_lr() if cfg.lr is None else cfg.lr, cfg.betas,
+                                       skip=row_param_ids(sae) if self.row_optimizers[name] else set())
                            for name, sae in self.saes.items()}
         self.schedulers = {name: make_scheduler(opt, cfg.total_steps, cfg.warmup_steps, cfg.decay_fraction)
                            for name, opt in self.optimizers.items()}
-        self._decoders = {name: UnitNormDecoder([sae.W_dec]) for name, sae in self.saes.items()}
+        # Unit-norm decoders stepped densely (a row-sparse decoder is renormalised row by row).
+        self._decoders = {name: UnitNormDecoder([] if self.row_optimizers[name] else [sae.W_dec])
+                          for name, sae in self.saes.items()}
         # The one firing counter of each SAE: its dead mask goes into forward, its dead fraction
         # into the history.
         self.firing = {name: FiringStats(sae.cfg.d_sae, cfg.dead_window_tokens, self.device)
@@ -259,12 +301,18 @@ class Trainer:
         batches = self._open_stream(stream)
         for sae in self.saes.values():
             sae.train()
+        if self._prefetch:
+            batches = Prefetcher(batches, lambda index, batch: self._read_batch(index, batch),
+                                 self._live_stream_state, checkpoint.rng_state)
         try:
             self._fit_loop(batches, bar)
         finally:
+            if isinstance(batches, Prefetcher):
+                batches.close()
             if self._stream is not None:
-                self._stream_state = self._stream.state_dict()
+                self._stream_state = self._stream_position()
             self._stream = None
+            self._consumed = None
         for sae in self.saes.values():
             sae.eval()
         return self.history
@@ -278,7 +326,11 @@ class Trainer:
             item = next(batches, None)
             if item is None:
                 break
-            x_BD = self._check_batch(*item)
+            if isinstance(item, ReadBatch):  # read ahead and checked by the prefetch thread
+                x_BD = self._to_device(item.index, item.batch)
+                self._consumed = item
+            else:
+                x_BD = self._to_device(item[0], self._read_batch(*item))
             if self.step == 0:
                 for sae in self.saes.values():
                     sae.init_from_data_(x_BD)
@@ -318,7 +370,7 @@ class Trainer:
         if self.step > 0:
             # fit on this same trainer replays the stream to here, then restores the generators as
             # they are now, as Trainer.resume does from the checkpoint.
-            self._resumed_rng = checkpoint.rng_state()
+            self._resumed_rng = self._rng_position()
 
     def train_step(self, x_BD: Tensor) -> dict[str, dict[str, Any]]:
         """One optimiser step of every SAE on the batch ``x_BD`` (on the SAEs' device and dtype);
@@ -330,50 +382,80 @@ class Trainer:
 
     def _train_step(self, name: str, x_BD: Tensor) -> dict[str, Any]:
         sae, optimizer, firing = self.saes[name], self.optimizers[name], self.firing[name]
-        sae.on_step(self.step)
-        out = sae(x_BD, dead_mask=firing.silent_for(self.cfg.dead_window_tokens))
-        loss = sum(out.losses.values())
-        bad = self._bad_step[name]
-        self._bad_step[name] = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), self.step, bad)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], self.cfg.grad_clip)
-        self._decoders[name].project_grads()
-        optimizer.step()
-        self._decoders[name].renormalise()
+        row_optimizer = self.row_optimizers[name]
         lr = optimizer.param_groups[0]["lr"]
+        sae.on_step(self.step)
+        if row_optimizer is None:
+            out, loss = self._forward_backward(name, x_BD)
+            if self.cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], self.cfg.grad_clip)
+            self._decoders[name].project_grads()
+            optimizer.step()
+            self._decoders[name].renormalise()
+        else:  # the row-sparse step: the same operations on the rows of the latents that fired
+            with RowGrads(sae) as rows:
+                out, loss = self._forward_backward(name, x_BD)
+            params, coef = optimizer.param_groups[0]["params"], None
+            if self.cfg.grad_clip is not None:
+                coef = clip_coefficient(dense_sq_norm(params) + rows.sq_norm(), self.cfg.grad_clip)
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
+            self._decoders[name].project_grads()  # a unit-norm weight that is not row-sparse, if any
+            optimizer.step()
+            self._decoders[name].renormalise()
+            row_optimizer.step(rows, lr, coef)  # clip, project, Adam and renormalise, row by row
         self.schedulers[name].step()
         firing.update(out.code)
         return _step_stats(out, loss, x_BD, lr)
 
+    def _forward_backward(self, name: str, x_BD: Tensor) -> tuple[SAEOutput, Tensor]:
+        """The SAE's forward on the batch, its loss (NaN/Inf noted without a sync) and backward."""
+        sae, optimizer = self.saes[name], self.optimizers[name]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+            out = self._forward[name](x_BD, dead_mask=self.firing[name].silent_for(self.cfg.dead_window_tokens))
+            loss = sum(out.losses.values())
+        bad = self._bad_step[name]
+        self._bad_step[name] = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), self.step, bad)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return out, loss
+
     # ---------------------------------------------------------------------------------------------
     # The stream
 
-    def _check_batch(self, index: int, batch: Any) -> Tensor:
-        """The batch on the SAEs' device and dtype, or a one-line BatchError saying how to fix it."""
-        d = self.d_in
-        if not isinstance(batch, Tensor):
-            raise BatchError(f"batch {index} is a {type(batch).__name__}, not a torch.Tensor; "
-                             f"convert it upstream with torch.as_tensor")
-        if batch.ndim != 2:
-            raise BatchError(f"batch {index} has shape {tuple(batch.shape)} but the SAEs need a 2-D "
-                             f"(batch, d_in={d}) tensor; flatten it upstream, e.g. x.reshape(-1, {d})")
-        if batch.shape[1] != d:
-            raise BatchError(f"batch {index} has {batch.shape[1]} columns but the SAEs read d_in={d}; "
-                             f"stream activations from the site the SAEs were built for, or build them "
-                             f"with d_in={batch.shape[1]}")
-        if batch.shape[0] == 0:
-            raise BatchError(f"batch {index} has no rows; drop empty batches upstream")
-        if not batch.is_floating_point():
-            raise BatchError(f"batch {index} has dtype {batch.dtype}; the SAEs need floating-point "
-                             f"activations, cast them upstream with .float()")
-        x_BD = batch.to(self.device, self.dtype)
-        n_bad = int((~torch.isfinite(x_BD)).sum())
-        if n_bad:
-            raise BatchError(f"batch {index} contains {n_bad} NaN/Inf values (after casting to "
-                             f"{self.dtype}); drop or clip them upstream, e.g. with torch.nan_to_num")
+    def _read_batch(self, index: int, batch: Any) -> Tensor:
+        """The batch checked and cast (:func:`~workbench.train.prefetch.check_batch`), pinned for a
+        non-blocking copy when it is on the CPU and the SAEs on a GPU."""
+        batch = check_batch(index, batch, self.d_in, self.dtype)
+        if self.device.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.pin_memory()
+        return batch
+
+    def _to_device(self, index: int, batch: Tensor) -> Tensor:
+        if batch.device == self.device:
+            x_BD = batch
+        else:
+            x_BD = batch.to(self.device, non_blocking=batch.is_pinned())
+        if batch.device.type != "cpu":  # not checked on the CPU: noted on the device, read when logged
+            self._bad_batch = torch.where((self._bad_batch < 0) & (count_nonfinite(x_BD) > 0), index,
+                                          self._bad_batch)
         return x_BD
+
+    def _live_stream_state(self) -> dict[str, Any] | None:
+        return self._stream.state_dict() if self._stream is not None else None
+
+    def _stream_position(self) -> dict[str, Any] | None:
+        """The stream's position after the last batch trained on (not after one read ahead)."""
+        if self._stream is None:
+            return self._stream_state
+        if self._prefetch:
+            return self._consumed.stream_state if self._consumed is not None else self._stream_state
+        return self._stream.state_dict()
+
+    def _rng_position(self) -> dict[str, Any]:
+        """The random generators as they were after the last batch trained on was drawn."""
+        if self._prefetch and self._consumed is not None:
+            return self._consumed.rng_state
+        return checkpoint.rng_state()
 
     def _open_stream(self, stream: Iterable[Tensor]) -> Iterator[tuple[int, Any]]:
         """(position, batch) pairs from the first batch not yet trained on. Seeds the generators
@@ -426,6 +508,9 @@ class Trainer:
     def _check_finite(self, weights: bool = False) -> None:
         """Stop with a one-line error if an SAE's loss was NaN/Inf at any step so far (or, with
         ``weights``, if its weights are), before anything of it is logged or saved."""
+        bad_batch = int(self._bad_batch)
+        if bad_batch >= 0:
+            raise nonfinite_error(bad_batch, -1, self.dtype)
         for name, sae in self.saes.items():
             bad = int(self._bad_step[name])
             if bad < 0 and weights and not all(bool(p.isfinite().all()) for p in sae.parameters()):
@@ -462,12 +547,14 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "saes": {name: {"module": sae.state_dict(),
                             "optimizer": self.optimizers[name].state_dict(),
+                            **({"row_optimizer": self.row_optimizers[name].state_dict()}
+                               if self.row_optimizers[name] is not None else {}),
                             "scheduler": self.schedulers[name].state_dict(),
                             "firing": self.firing[name].state_dict()}
                      for name, sae in self.saes.items()},
             "history": list(self.history),
-            "rng": checkpoint.rng_state(),
-            "stream": self._stream.state_dict() if self._stream is not None else self._stream_state,
+            "rng": self._rng_position(),
+            "stream": self._stream_position(),
             "metadata": self.metadata,
             "input_scale": self.input_scale,
         }
@@ -482,7 +569,14 @@ class Trainer:
         for name, sae in self.saes.items():
             sae_state = state["saes"][name]
             sae.load_state_dict(sae_state["module"])
+            if ("row_optimizer" in sae_state) != (self.row_optimizers[name] is not None):
+                saved = "sparse_adam" if "row_optimizer" in sae_state else "adam"
+                raise ValueError(f"the checkpoint of SAE {name!r} was trained with optimizer={saved!r}, this "
+                                 f"trainer has optimizer={self.cfg.optimizer!r}; resume with the optimizer "
+                                 f"the run started with")
             self.optimizers[name].load_state_dict(sae_state["optimizer"])
+            if self.row_optimizers[name] is not None:
+                self.row_optimizers[name].load_state_dict(sae_state["row_optimizer"])
             self.schedulers[name].load_state_dict(sae_state["scheduler"])
             self.firing[name].load_state_dict(sae_state["firing"])
         self.step = state["step"]
@@ -694,8 +788,9 @@ def _step_stats(out: SAEOutput, loss: Tensor, x_BD: Tensor, lr: float) -> dict[s
     return stats
 
 
-def _adam(sae: BaseSAE, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
-    params = [p for p in sae.parameters() if p.requires_grad]
+def _adam(sae: BaseSAE, lr: float, betas: tuple[float, float], skip: set[int]) -> torch.optim.Adam:
+    """Fused Adam over the SAE's trainable parameters, except those whose id is in ``skip``."""
+    params = [p for p in sae.parameters() if p.requires_grad and id(p) not in skip]
     try:
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     except RuntimeError:  # no fused kernel for this device
