@@ -1,6 +1,7 @@
 """Training-step speed of the TopK and Switch SAEs, measured side by side in one run.
 
     python benchmarks/bench_saes.py [--large] [--steps N] [--batch B] [--device cuda]
+                                    [--optimizer adam|sparse_adam] [--moonshot]
 
 Rows (all at the same d, M, k and batch, float32, on the CPU unless --device says otherwise):
 
@@ -14,6 +15,12 @@ Rows (all at the same d, M, k and batch, float32, on the CPU unless --device say
 * ``switch E=e``    our SwitchSAE with e experts (same total width M and same k).
 * ``switch dense E=e``  the Switch SAE paper's code path: all M latents encoded, masked by the router
                     probability on the chosen expert's block, topk over all M, dense decode.
+
+``--optimizer`` steps our SAEs with that ``TrainConfig.optimizer`` (default: the trainer's default;
+the dense references always use dense Adam). ``--moonshot`` adds, after the usual rows, a Switch SAE
+with E=32 at M = 32*M0 against a TopK at M0 (d=384, M0=8,192 on the CPU; d=768, M0=32,768 with
+``--large``) and the line ``moonshot: switch E=32 at M=... vs topk at M=...: R.RRx topk's tokens/s``
+(target: 0.8x or more). ``--no-usual`` leaves the usual rows out.
 
 The rows and the timing live in :mod:`workbench.perf` (notebook 09 plots the same measurements). The
 rows are timed round-robin (one step of each per round, the order rotated every round) after warm-up
@@ -31,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.perf import Timed, measure, paired_ratio, sae_rows
+from workbench.perf import Timed, measure, moonshot_rows, paired_ratio, sae_rows
+from workbench.train import TrainConfig
 
 
 def _load() -> float | str:
@@ -105,6 +113,18 @@ def report(rows: list[Timed], batch: int) -> list[tuple[str, bool]]:
     return verdicts
 
 
+def report_moonshot(rows: list[Timed], batch: int) -> list[tuple[str, bool]]:
+    """The two moonshot rows and the line ``moonshot: ...: R.RRx topk's tokens/s`` (target >= 0.8)."""
+    topk, switch = rows
+    for row in rows:
+        print(f"{row.name:40s} {1e3 * row.median:9.1f} ms  {batch / row.median:12,.0f} tokens/s")
+    r = paired_ratio(topk, switch)
+    m_topk, m_switch = topk.name.split("M=")[1], switch.name.split("M=")[1]
+    print(f"moonshot: switch E=32 at M={m_switch} vs topk at M={m_topk}: {r:.2f}x topk's tokens/s "
+          f"(target >= 0.8: {'met' if r >= 0.8 else 'MISSED'})")
+    return [("moonshot", r >= 0.8)]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--large", action="store_true", help="d=768, M=24,576 instead of d=384, M=12,288")
@@ -118,19 +138,31 @@ def main(argv: list[str] | None = None) -> None:
                          "about as much as 'topk dense' whatever E is)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--optimizer", choices=("adam", "sparse_adam"), default=None,
+                    help="TrainConfig.optimizer of our SAEs' steps (default: the trainer's default)")
+    ap.add_argument("--moonshot", action="store_true",
+                    help="add Switch E=32 at M=32*M0 against TopK at M0 (M0 8,192, or 32,768 with --large)")
+    ap.add_argument("--no-usual", action="store_true", help="only the moonshot rows")
     args = ap.parse_args(argv)
+    if args.no_usual and not args.moonshot:
+        ap.error("--no-usual leaves only the moonshot rows: add --moonshot")
     d, m = (768, 24_576) if args.large else (384, 12_288)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     where = f"cpu ({_cpu_name()})" if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name()})"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {where}, float32")
+    m0 = 32_768 if args.large else 8_192
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {where}, float32, "
+          f"optimizer {args.optimizer or TrainConfig.optimizer or 'adam'}")
     print(f"d={d}, M={m:,}, k={args.k}, batch={args.batch}; {args.warmup} warm-up step(s) per row, "
           f"then {args.steps} interleaved rounds")
     load_before = _load()
     t0 = time.perf_counter()
-    rows = sae_rows(d, m, args.k, args.batch, args.experts, args.dense_experts, device=args.device)
-    measure(rows, args.steps, args.warmup)
+    rows = [] if args.no_usual else sae_rows(d, m, args.k, args.batch, args.experts, args.dense_experts,
+                                             device=args.device, optimizer=args.optimizer)
+    moon = (moonshot_rows(d, m0, args.k, args.batch, device=args.device, optimizer=args.optimizer)
+            if args.moonshot else [])
+    measure(rows + moon, args.steps, args.warmup)
     load_after = _load()
     print(f"(measured in {time.perf_counter() - t0:.0f} s; 1-min load average {load_before} before, "
           f"{load_after} after, on {os.cpu_count()} CPUs)")
@@ -138,7 +170,11 @@ def main(argv: list[str] | None = None) -> None:
         print("NOTE: the load average says other processes competed for the CPUs during the run; "
               "the times (and, less so, the ratios) are inflated by it")
     print()
-    met = report(rows, args.batch)
+    met = report(rows, args.batch) if rows else []
+    if moon:
+        if rows:
+            print()
+        met += report_moonshot(moon, args.batch)
     print("\nratio: median over the rounds of the per-round ratio of the two rows it compares (targets are "
           "judged on it); of mins: the same ratio from the two rows' fastest steps; tokens/s: batch / "
           "median time")

@@ -142,12 +142,13 @@ class Timed:
         return statistics.median(self.times)
 
 
-def step_row(name: str, model: BaseSAE, x_BD: Tensor, lr: float) -> Timed:
+def step_row(name: str, model: BaseSAE, x_BD: Tensor, lr: float, optimizer: str | None = None) -> Timed:
     """A training step of ``model`` on the fixed batch ``x_BD``: :meth:`Trainer.train_step` of a
-    trainer with the constant rate ``lr`` (no warm-up or decay), so the row times exactly what
-    training runs (fused Adam where the device has it, clipping, the decoder constraint, firing
-    counts and step statistics)."""
-    cfg = TrainConfig(total_steps=2**62, lr=lr, warmup_steps=0, decay_fraction=0.0, progress_bar=False)
+    trainer with the constant rate ``lr`` (no warm-up or decay) and ``optimizer`` (a
+    ``TrainConfig.optimizer``), so the row times exactly what training runs (fused Adam or the
+    row-sparse step, clipping, the decoder constraint, firing counts and step statistics)."""
+    cfg = TrainConfig(total_steps=2**62, lr=lr, warmup_steps=0, decay_fraction=0.0, progress_bar=False,
+                      optimizer=optimizer)
     trainer = Trainer(model, cfg)
     model.train()
     return Timed(name, lambda: trainer.train_step(x_BD), model.flops_per_token(training=True))
@@ -163,13 +164,14 @@ def benchmark_batch(d: int, batch: int, device: str | torch.device = "cpu", seed
 
 def sae_rows(d: int, m: int, k: int, batch: int, experts: Iterable[int] = (4, 16, 64),
              dense_experts: Iterable[int] = (16,), *, matmul: bool = True, topk_dense: bool = True,
-             device: str | torch.device = "cpu") -> list[Timed]:
+             device: str | torch.device = "cpu", optimizer: str | None = None) -> list[Timed]:
     """The rows of ``bench_saes.py``, all at width ``m`` and ``k`` on one batch of ``batch`` tokens:
 
     ``topk`` (our TopKSAE step); ``enc matmul`` (its dense encoder matmul alone) and ``enc matmul
     chunked`` (the same in the row chunks TopKSAE uses on the CPU), when ``matmul``; ``topk dense``
     (:class:`DenseTopK`), when ``topk_dense``; ``switch E=e`` for each e of ``experts`` and
-    ``switch dense E=e`` (:class:`DenseMaskedSwitch`) for each e of ``dense_experts``.
+    ``switch dense E=e`` (:class:`DenseMaskedSwitch`) for each e of ``dense_experts``. Our SAEs step
+    with ``optimizer`` (``TrainConfig.optimizer``); the dense references always with dense Adam.
     """
     experts, dense_experts = list(experts), list(dense_experts)
     for e in experts + dense_experts:
@@ -180,7 +182,7 @@ def sae_rows(d: int, m: int, k: int, batch: int, experts: Iterable[int] = (4, 16
     topk = TopKSAE(TopKConfig(d_in=d, d_sae=m, k=k)).to(device)
     topk.init_from_data_(x_BD)
     lr = topk.cfg.default_lr()
-    rows = [step_row("topk", topk, x_BD, lr)]
+    rows = [step_row("topk", topk, x_BD, lr, optimizer)]
     if matmul:
         rows += encoder_matmul_rows(topk, x_BD)
     if topk_dense:
@@ -190,9 +192,25 @@ def sae_rows(d: int, m: int, k: int, batch: int, experts: Iterable[int] = (4, 16
         switch.init_from_data_(x_BD)
         dense = DenseMaskedSwitch(switch) if e in dense_experts else None  # a copy before any step
         if e in experts:
-            rows.append(step_row(f"switch E={e}", switch, x_BD, lr))
+            rows.append(step_row(f"switch E={e}", switch, x_BD, lr, optimizer))
         if dense is not None:
             rows.append(step_row(f"switch dense E={e}", dense, x_BD, lr))
+    return rows
+
+
+def moonshot_rows(d: int, m0: int, k: int, batch: int, experts: int = 32, *, device: str | torch.device = "cpu",
+                  optimizer: str | None = None) -> list[Timed]:
+    """``topk M=m0`` and ``switch E=experts M=experts*m0``: a Switch SAE ``experts`` times wider
+    than the TopK, each expert as wide as the TopK, so both run the same encoder matmul per token;
+    everything else in the Switch step should then cost what it costs the TopK (the target is 0.8x
+    the TopK's tokens/s or better)."""
+    x_BD = benchmark_batch(d, batch, device)
+    topk = TopKSAE(TopKConfig(d_in=d, d_sae=m0, k=k)).to(device)
+    switch = SwitchSAE(SwitchConfig(d_in=d, d_sae=experts * m0, k=k, n_experts=experts)).to(device)
+    rows = []
+    for name, sae in ((f"moonshot topk M={m0:,}", topk), (f"moonshot switch E={experts} M={experts * m0:,}", switch)):
+        sae.init_from_data_(x_BD)
+        rows.append(step_row(name, sae, x_BD, sae.default_lr(), optimizer))
     return rows
 
 
