@@ -409,7 +409,7 @@ class Trainer:
 
     def _forward_backward(self, name: str, x_BD: Tensor) -> tuple[SAEOutput, Tensor]:
         """The SAE's forward on the batch, its loss (NaN/Inf noted without a sync) and backward."""
-        sae, optimizer = self.saes[name], self.optimizers[name]
+        optimizer = self.optimizers[name]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
             out = self._forward[name](x_BD, dead_mask=self.firing[name].silent_for(self.cfg.dead_window_tokens))
             loss = sum(out.losses.values())
