@@ -1,0 +1,443 @@
+"""N ranks equal one process: the torch.distributed mechanics of workbench.train.distributed and
+workbench.train.expert_parallel against the single-process computation on the concatenated batch.
+
+Each world size starts its processes once (gloo on the CPU, ``torch.multiprocessing.start_processes``,
+a free port on 127.0.0.1); every rank runs all the checks of that world size and writes its tensors to a
+safetensors file; the parent computes the single-process references and asserts. The global batch
+is 12 tokens per rank, concatenated in rank order; rank r's rows are ``shard_rows(batch, r, N)``.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from workbench.saes import (
+    GatedConfig,
+    GatedSAE,
+    SwitchConfig,
+    SwitchSAE,
+    TopKConfig,
+    TopKSAE,
+)
+from workbench.saes.base import UnitNormDecoder
+from workbench.saes.topk import total_variance
+from workbench.train.distributed import (
+    DistContext,
+    all_reduce_grads_,
+    clip_grad_norm_,
+    global_mean_rows,
+    global_total_variance,
+    init_from_env,
+    rank_batches,
+    shard_rows,
+    token_share,
+)
+from workbench.train.expert_parallel import (
+    data_parallel_switch_forward,
+    expert_parallel_forward,
+    expert_parameters,
+    gather_switch,
+    reduce_replicated_grads_,
+    replicated_parameters,
+    shard_switch,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the references compute as the ranks do
+
+D, K, TOKENS_PER_RANK = 16, 4, 12
+STEPS, LR, MAX_NORM = 20, 1e-2, 0.5
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+EP_CASES = {2: [(4, 64), (8, 128)], 4: [(8, 128)]}
+"""world size -> (n_experts, d_sae) of the expert-parallel Switch SAEs checked at it."""
+
+
+# --- what ranks and the parent both build ----------------------------------------------------------
+
+def _batch(seed: int, n_rows: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n_rows, D, generator=gen) * torch.linspace(0.5, 2.0, D) + 0.3
+
+
+def _global_batch(world_size: int, seed: int = 0) -> torch.Tensor:
+    return _batch(seed, TOKENS_PER_RANK * world_size)
+
+
+def _switch(n_experts: int, d_sae: int, world_size: int, *, gate: str = "softmax") -> SwitchSAE:
+    sae = SwitchSAE(SwitchConfig(d_in=D, d_sae=d_sae, k=K, n_experts=n_experts, seed=3, gate=gate))
+    sae.init_from_data_(_global_batch(world_size))
+    with torch.no_grad():  # a router that routes decisively (the default init is near uniform)
+        sae.W_router.mul_(8)
+    return sae
+
+
+def _topk() -> TopKSAE:
+    return TopKSAE(TopKConfig(d_in=D, d_sae=64, k=K, seed=5))
+
+
+def _gated() -> GatedSAE:
+    sae = GatedSAE(GatedConfig(d_in=D, d_sae=64, seed=6))
+    with torch.no_grad():
+        sae.b_gate.fill_(0.05)
+    return sae
+
+
+def _grads(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.grad.{name}": p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+def _adam_steps(model, params, forward, reduce_and_clip, world_size: int, rank: int, n_splits: int) -> None:
+    """STEPS training steps as the trainer takes them on the global batches of ``world_size`` ranks,
+    of which this process reads part ``rank`` of ``n_splits``: loss backward, gradient reduce and
+    clipping to MAX_NORM, decoder projection, Adam, renormalisation."""
+    opt = torch.optim.Adam(params, lr=LR)
+    decoder = UnitNormDecoder([model.W_dec])
+    for step in range(STEPS):
+        x_BD = shard_rows(_global_batch(world_size, seed=100 + step), rank, n_splits)
+        opt.zero_grad()
+        sum(forward(x_BD).losses.values()).backward()
+        reduce_and_clip()
+        decoder.project_grads()
+        opt.step()
+        decoder.renormalise()
+
+
+# --- the ranks -------------------------------------------------------------------------------------
+
+def _checks(ctx: DistContext) -> dict[str, torch.Tensor]:
+    rank, n = ctx.rank, ctx.world_size
+    x_global = _global_batch(n)
+    x_BD = shard_rows(x_global, rank, n)
+    out: dict[str, torch.Tensor] = {}
+
+    out["tv"] = global_total_variance(x_BD, ctx).detach()
+    out["mean_rows"] = global_mean_rows(x_BD, ctx).detach()
+    out["batches"] = torch.tensor(list(rank_batches(range(10), rank, n)))
+
+    # global_sum inside a nonlinear loss: the FVU of a parameter-dependent residual e = w * x - 0.2,
+    # normalised by e's own variance over the global batch (as TopK's AuxK normalises its residual).
+    w_D = torch.linspace(0.5, 1.5, D).requires_grad_()
+    e_BD = x_BD * w_D - 0.2
+    loss = e_BD.pow(2).sum(-1).mean() * token_share(x_BD.shape[0], ctx) / global_total_variance(e_BD, ctx)
+    loss.backward()
+    all_reduce_grads_([w_D], ctx)
+    out["nonlinear.loss"], out["nonlinear.grad"] = loss.detach(), w_D.grad
+
+    # all_reduce_grads_: a gradient everywhere, one on some ranks only, none anywhere, a frozen one.
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True),
+              torch.zeros(2, requires_grad=True), torch.zeros(2)]
+    params[0].grad = torch.arange(3.0) * (rank + 1)
+    if rank == n - 1:
+        params[1].grad = torch.tensor([1.0, -2.0])
+    all_reduce_grads_(params, ctx, op="sum")
+    out["reduce.sum"] = params[0].grad.clone()
+    out["reduce.partial"] = params[1].grad.clone()
+    out["reduce.none_stays_none"] = torch.tensor(params[2].grad is None and params[3].grad is None)
+    params[0].grad = torch.full((3,), float(rank))
+    all_reduce_grads_(params[:1], ctx, op="mean")
+    out["reduce.mean"] = params[0].grad.clone()
+
+    if n == 2:
+        # Data parallel, TopK: the FVU is a per-token mean over a global constant (the data's total
+        # variance), so its share is the local FVU * (B_r / B) * (TV_r / TV).
+        sae = _topk()
+        res = sae(x_BD)
+        scale = token_share(x_BD.shape[0], ctx) * total_variance(x_BD) / global_total_variance(x_BD, ctx)
+        loss = res.losses["fvu"] * scale
+        loss.backward()
+        all_reduce_grads_(sae.parameters(), ctx)
+        out.update({"topk.recon": res.recon_BD.detach(), "topk.loss": loss.detach(), **_grads(sae, "topk")})
+
+        # Data parallel, Gated: every term is a per-token mean, share = local term * B_r / B.
+        sae = _gated()
+        res = sae(x_BD)
+        loss = sum(res.losses.values()) * token_share(x_BD.shape[0], ctx)
+        loss.backward()
+        all_reduce_grads_(sae.parameters(), ctx)
+        out.update({"gated.recon": res.recon_BD.detach(), "gated.loss": loss.detach(), **_grads(sae, "gated")})
+
+        # Data parallel, Switch: the load balance over the global f_i and P_i (global_sum).
+        sae = _switch(4, 64, n)
+        res = data_parallel_switch_forward(sae, x_BD, ctx)
+        sum(res.losses.values()).backward()
+        all_reduce_grads_(sae.parameters(), ctx)
+        out.update({"dp_switch.recon": res.recon_BD.detach(), **_grads(sae, "dp_switch"),
+                    **{f"dp_switch.loss.{k}": v.detach() for k, v in res.losses.items()}})
+
+        # Expert parallel with every token routed to expert 0: the other ranks receive nothing.
+        sae = _switch(4, 64, n)
+        with torch.no_grad():
+            sae.W_router.zero_()
+        out.update(_ep_one_step(sae, x_BD, ctx, "ep_empty"))
+
+    for n_experts, d_sae in EP_CASES[n]:
+        out.update(_ep_one_step(_switch(n_experts, d_sae, n), x_BD, ctx, f"ep{n_experts}"))
+    out.update(_ep_one_step(_switch(EP_CASES[n][0][0], EP_CASES[n][0][1], n, gate="heaviside"), x_BD, ctx,
+                            "ep_heaviside"))
+
+    # STEPS steps of the sharded model; the whole SAE gathered to rank 0.
+    n_experts, d_sae = EP_CASES[n][-1]
+    shard = shard_switch(_switch(n_experts, d_sae, n), rank, n)
+    experts, replicated = expert_parameters(shard), replicated_parameters(shard)
+
+    def reduce_and_clip():
+        reduce_replicated_grads_(shard, ctx)
+        clip_grad_norm_(experts, replicated, MAX_NORM, ctx)
+
+    _adam_steps(shard, experts + replicated, lambda x: expert_parallel_forward(shard, x, ctx), reduce_and_clip,
+                n, rank, n)
+    full = gather_switch(shard, ctx)
+    assert (full is None) == (rank != 0)
+    if full is not None:
+        out.update({f"trained.{name}": p.detach().clone() for name, p in full.named_parameters()})
+    return out
+
+
+def _ep_one_step(sae: SwitchSAE, x_BD: torch.Tensor, ctx: DistContext, prefix: str) -> dict[str, torch.Tensor]:
+    shard = shard_switch(sae, ctx.rank, ctx.world_size)
+    res = expert_parallel_forward(shard, x_BD, ctx)
+    sum(res.losses.values()).backward()
+    reduce_replicated_grads_(shard, ctx)
+    return {f"{prefix}.recon": res.recon_BD.detach(), f"{prefix}.code": res.code.dense().detach(),
+            f"{prefix}.expert_tokens": res.metrics["expert_tokens"],
+            **{f"{prefix}.loss.{k}": v.detach() for k, v in res.losses.items()}, **_grads(shard, prefix)}
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    ctx = init_from_env()
+    try:
+        assert (ctx.rank, ctx.world_size, ctx.backend) == (rank, world_size, "gloo")
+        out = {name: t.contiguous() for name, t in _checks(ctx).items()}
+        save_file(out, str(Path(out_dir) / f"rank{rank}.safetensors"))
+    finally:
+        ctx.destroy()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_method() -> str:
+    """How the ranks start. "fork" where this process runs no other Python thread: the ranks start in
+    milliseconds instead of importing torch and the workbench afresh (seconds each on 2 cores; each
+    rank sets one torch thread before computing). Otherwise "forkserver": a fresh single-threaded
+    server imports the workbench once and forks the ranks (forking a process in which another thread
+    may hold a lock could hang a child). The server imports by package name only: Python 3.11 sets
+    its sys.path after the preload, so this test module, outside any package, is not preloaded."""
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return "fork"
+    multiprocessing.set_forkserver_preload(["safetensors.torch", "workbench.saes", "workbench.train.expert_parallel"])
+    return "forkserver"
+
+
+def _spawn(world_size: int, tmp_path_factory) -> list[dict[str, torch.Tensor]]:
+    out_dir = tmp_path_factory.mktemp(f"world{world_size}")
+    mp.start_processes(_worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True,
+                       start_method=_start_method())
+    return [load_file(str(out_dir / f"rank{r}.safetensors")) for r in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def ranks2(tmp_path_factory):
+    return _spawn(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ranks4(tmp_path_factory):
+    return _spawn(4, tmp_path_factory)
+
+
+@pytest.fixture(params=[2, 4])
+def ranks(request):
+    return request.param, request.getfixturevalue(f"ranks{request.param}")
+
+
+# --- the references and the assertions ------------------------------------------------------------
+
+def _cat(ranks: list[dict], key: str) -> torch.Tensor:
+    return torch.cat([r[key] for r in ranks])
+
+
+def _total(ranks: list[dict], key: str) -> torch.Tensor:
+    return sum(r[key] for r in ranks)
+
+
+def test_global_statistics_equal_one_process(ranks):
+    n, res = ranks
+    x_BD = _global_batch(n)
+    for r in res:
+        torch.testing.assert_close(r["tv"], total_variance(x_BD), **TOL)
+        torch.testing.assert_close(r["mean_rows"], x_BD.mean(0), **TOL)
+    assert sorted(_cat(res, "batches").tolist()) == list(range(10))
+    assert res[1]["batches"].tolist() == list(range(1, 10, n))
+
+
+def test_global_sum_gives_the_gradient_of_the_global_loss(ranks):
+    """Each rank's share, the differentiable all-reduce's backward and the summed gradients give the
+    single-process gradient, through a statistic of the whole batch that depends on the parameter."""
+    n, res = ranks
+    x_BD = _global_batch(n)
+    w_D = torch.linspace(0.5, 1.5, D).requires_grad_()
+    e_BD = x_BD * w_D - 0.2
+    loss = e_BD.pow(2).sum(-1).mean() / total_variance(e_BD)
+    loss.backward()
+    torch.testing.assert_close(_total(res, "nonlinear.loss"), loss.detach(), **TOL)
+    for r in res:
+        torch.testing.assert_close(r["nonlinear.grad"], w_D.grad, **TOL)
+    assert w_D.grad.abs().max() > 1e-3
+
+
+def test_all_reduce_grads_sums_and_keeps_missing_gradients_consistent(ranks):
+    n, res = ranks
+    for r in res:
+        torch.testing.assert_close(r["reduce.sum"], torch.arange(3.0) * sum(range(1, n + 1)))
+        torch.testing.assert_close(r["reduce.partial"], torch.tensor([1.0, -2.0]))
+        assert r["reduce.none_stays_none"].item()
+        torch.testing.assert_close(r["reduce.mean"], torch.full((3,), sum(range(n)) / n))
+
+
+def _assert_grads(res: list[dict], prefix: str, ref: torch.nn.Module) -> None:
+    names = [name for name, p in ref.named_parameters() if p.grad is not None]
+    for r in res:
+        assert sorted(k.split(".")[-1] for k in r if k.startswith(f"{prefix}.grad.")) == sorted(names)
+        for name in names:
+            torch.testing.assert_close(r[f"{prefix}.grad.{name}"], getattr(ref, name).grad, **TOL, msg=name)
+
+
+def test_data_parallel_topk_and_gated_equal_one_process(ranks2):
+    x_BD = _global_batch(2)
+    topk = _topk()
+    ref = topk(x_BD)
+    ref.losses["fvu"].backward()
+    torch.testing.assert_close(_cat(ranks2, "topk.recon"), ref.recon_BD.detach(), **TOL)
+    torch.testing.assert_close(_total(ranks2, "topk.loss"), ref.losses["fvu"].detach(), **TOL)
+    _assert_grads(ranks2, "topk", topk)
+
+    gated = _gated()
+    ref = gated(x_BD)
+    loss = sum(ref.losses.values())
+    loss.backward()
+    torch.testing.assert_close(_cat(ranks2, "gated.recon"), ref.recon_BD.detach(), **TOL)
+    torch.testing.assert_close(_total(ranks2, "gated.loss"), loss.detach(), **TOL)
+    _assert_grads(ranks2, "gated", gated)
+
+
+def _assert_switch_step(res: list[dict], prefix: str, sae: SwitchSAE, x_BD: torch.Tensor, *, sharded: bool) -> None:
+    """Forward rows, codes, every loss term and every gradient of the ranks against ``sae`` on the
+    whole batch; with ``sharded`` the expert gradients are compared slice by slice."""
+    ref = sae(x_BD)
+    sum(ref.losses.values()).backward()
+    torch.testing.assert_close(_cat(res, f"{prefix}.recon"), ref.recon_BD.detach(), **TOL)
+    assert set(ref.losses) == {"mse", "load_balance"}
+    for term, value in ref.losses.items():
+        torch.testing.assert_close(_total(res, f"{prefix}.loss.{term}"), value.detach(), **TOL, msg=term)
+    if not sharded:
+        _assert_grads(res, prefix, sae)
+        return
+    code = _cat(res, f"{prefix}.code")
+    ref_code = ref.code.dense().detach()
+    assert torch.equal(code > 0, ref_code > 0), "the same latents fire for every token"
+    torch.testing.assert_close(code, ref_code, **TOL)
+    expert_tokens = torch.bincount(sae.route(x_BD)[1], minlength=sae.cfg.n_experts)
+    torch.testing.assert_close(_total(res, f"{prefix}.expert_tokens"), expert_tokens)
+    n, width = len(res), sae.cfg.d_sae // len(res)
+    for rank, r in enumerate(res):
+        rows = slice(rank * width, (rank + 1) * width)
+        torch.testing.assert_close(r[f"{prefix}.grad.W_enc"], sae.W_enc.grad[:, rows], **TOL)
+        torch.testing.assert_close(r[f"{prefix}.grad.W_dec"], sae.W_dec.grad[rows], **TOL)
+        for name in ("W_router", "b_router", "b_dec"):
+            torch.testing.assert_close(r[f"{prefix}.grad.{name}"], getattr(sae, name).grad, **TOL, msg=name)
+        assert f"{prefix}.grad.b_enc" not in r  # frozen, as in SwitchSAE
+    assert n * width == sae.cfg.d_sae
+
+
+def test_data_parallel_switch_equals_one_process(ranks2):
+    _assert_switch_step(ranks2, "dp_switch", _switch(4, 64, 2), _global_batch(2), sharded=False)
+
+
+def test_expert_parallel_switch_equals_one_process(ranks):
+    n, res = ranks
+    for n_experts, d_sae in EP_CASES[n]:
+        _assert_switch_step(res, f"ep{n_experts}", _switch(n_experts, d_sae, n), _global_batch(n), sharded=True)
+    n_experts, d_sae = EP_CASES[n][0]
+    _assert_switch_step(res, "ep_heaviside", _switch(n_experts, d_sae, n, gate="heaviside"), _global_batch(n),
+                        sharded=True)
+
+
+def test_expert_parallel_with_a_rank_that_receives_no_tokens(ranks2):
+    sae = _switch(4, 64, 2)
+    with torch.no_grad():
+        sae.W_router.zero_()
+    _assert_switch_step(ranks2, "ep_empty", sae, _global_batch(2), sharded=True)
+    assert _total(ranks2, "ep_empty.expert_tokens").tolist() == [24, 0, 0, 0]
+
+
+def test_expert_parallel_training_steps_equal_one_process(ranks):
+    n, res = ranks
+    n_experts, d_sae = EP_CASES[n][-1]
+    sae = _switch(n_experts, d_sae, n)
+    params = [p for p in sae.parameters() if p.requires_grad]
+    _adam_steps(sae, params, sae, lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM), n, 0, 1)
+    moved = (sae.W_enc - _switch(n_experts, d_sae, n).W_enc).abs().max()
+    assert moved > 1e-2, "the steps must move the weights for the comparison to mean something"
+    assert not any(k.startswith("trained.") for k in res[1])
+    for name, param in sae.named_parameters():
+        torch.testing.assert_close(res[0][f"trained.{name}"], param.detach(), **TOL, msg=name)
+
+
+# --- refusals ---------------------------------------------------------------------------------------
+
+def _one_line(excinfo) -> None:
+    assert "\n" not in str(excinfo.value)
+
+
+def test_refusals_say_how_to_fix_them():
+    sae = _switch(4, 64, 2)
+    with pytest.raises(ValueError, match=r"n_experts=4 is not divisible by the world size 3; run on \[1, 2, 4\]") as e:
+        shard_switch(sae, 0, 3)
+    _one_line(e)
+    for other, arch in ((_topk(), "topk"), (_gated(), "gated")):
+        with pytest.raises(ValueError, match=f"not a '{arch}' SAE .*train.parallel: data") as e:
+            shard_switch(other, 0, 2)
+        _one_line(e)
+    with pytest.raises(ValueError, match="not a whole 'switch' SAE") as e:
+        gather_switch(sae, DistContext())
+    _one_line(e)
+    with pytest.raises(ValueError, match="24 rows does not split evenly over 5 ranks; use a batch size divisible") as e:
+        shard_rows(_global_batch(2), 0, 5)
+    _one_line(e)
+    shard = shard_switch(sae, 1, 2)
+    with pytest.raises(ValueError, match="rank 1 of 2 but this process is rank 0 of 1") as e:
+        expert_parallel_forward(shard, _global_batch(2), DistContext())
+    _one_line(e)
+    with pytest.raises(ValueError, match="save gather_switch"):
+        shard.saelens_tensors()
+
+
+def test_single_process_is_untouched(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ctx = init_from_env()
+    assert (ctx.rank, ctx.world_size, ctx.is_writer, ctx.distributed) == (0, 1, True, False)
+    sae, x_BD = _switch(4, 64, 1), _global_batch(1)
+    shard = shard_switch(sae, 0, 1)
+    out, ref = expert_parallel_forward(shard, x_BD, ctx), sae(x_BD)
+    torch.testing.assert_close(out.recon_BD, ref.recon_BD, **TOL)
+    whole = gather_switch(shard, ctx)
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), sae.parameters()))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        init_from_env()
