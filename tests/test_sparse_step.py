@@ -234,3 +234,19 @@ def test_auxk_without_counting_dead_latents_trains_the_same(monkeypatch, n_dead,
     assert (loss_exact > 0) == (n_dead > 0)
     for (name, p_exact), p_gpu in zip(exact.named_parameters(), gpu.parameters()):
         torch.testing.assert_close(p_gpu, p_exact, atol=1e-7, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_compiled_forward_trains_as_the_eager_one_with_sparse_adam():
+    """torch.compile of the forward keeps the row-gradient collection working (a captured sink
+    would silently leave the encoder and decoder unchanged)."""
+    xs = batches(3, seed=2)
+    sae = build_sae(make_config("topk", d_in=D, d_sae=F, k=4))
+    sae.init_from_data_(xs[0])
+    eager = trainer(copy.deepcopy(sae), "sparse_adam")
+    compiled = Trainer(copy.deepcopy(sae), TrainConfig(**{**eager.cfg.__dict__, "compile": True}))
+    for x in xs:
+        eager.train_step(x)
+        compiled.train_step(x)
+    for (name, p_e), p_c in zip(eager.saes["topk"].named_parameters(), compiled.saes["topk"].parameters()):
+        torch.testing.assert_close(p_c, p_e, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    assert (eager.saes["topk"].W_dec - sae.W_dec).abs().max() > 1e-4  # it did train

@@ -142,13 +142,15 @@ class Timed:
         return statistics.median(self.times)
 
 
-def step_row(name: str, model: BaseSAE, x_BD: Tensor, lr: float, optimizer: str | None = None) -> Timed:
+def step_row(name: str, model: BaseSAE, x_BD: Tensor, lr: float, optimizer: str | None = None,
+             **train_fields: Any) -> Timed:
     """A training step of ``model`` on the fixed batch ``x_BD``: :meth:`Trainer.train_step` of a
-    trainer with the constant rate ``lr`` (no warm-up or decay) and ``optimizer`` (a
-    ``TrainConfig.optimizer``), so the row times exactly what training runs (fused Adam or the
-    row-sparse step, clipping, the decoder constraint, firing counts and step statistics)."""
+    trainer with the constant rate ``lr`` (no warm-up or decay), ``optimizer`` (a
+    ``TrainConfig.optimizer``) and any other ``TrainConfig`` fields (``autocast``, ``compile``), so
+    the row times exactly what training runs (fused Adam or the row-sparse step, clipping, the
+    decoder constraint, firing counts and step statistics)."""
     cfg = TrainConfig(total_steps=2**62, lr=lr, warmup_steps=0, decay_fraction=0.0, progress_bar=False,
-                      optimizer=optimizer)
+                      optimizer=optimizer, **train_fields)
     trainer = Trainer(model, cfg)
     model.train()
     return Timed(name, lambda: trainer.train_step(x_BD), model.flops_per_token(training=True))
