@@ -250,3 +250,47 @@ def test_compiled_forward_trains_as_the_eager_one_with_sparse_adam():
     for (name, p_e), p_c in zip(eager.saes["topk"].named_parameters(), compiled.saes["topk"].parameters()):
         torch.testing.assert_close(p_c, p_e, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
     assert (eager.saes["topk"].W_dec - sae.W_dec).abs().max() > 1e-4  # it did train
+
+
+@pytest.mark.parametrize("touched", ["all", "some"])
+def test_row_adam_in_place_and_gathered_paths_agree(touched):
+    """With every row touched, RowAdam steps the weight in place; otherwise it gathers and scatters
+    (also when the rows are not contiguous). Both give the same rows, and untouched rows stay as
+    they were, moments included."""
+    from torch import nn
+
+    from workbench.saes.base import RowWeight
+    from workbench.train.sparse_step import RowAdam, RowGrads
+
+    class Holder:
+        cfg = type("cfg", (), {"architecture": "test"})()
+
+        def __init__(self, W_FD):
+            self.W = nn.Parameter(W_FD)
+
+        def row_sparse_weights(self):
+            return [RowWeight("W", self.W, self.W, True)]
+
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(40, 8, generator=gen)
+    W /= W.norm(dim=-1, keepdim=True)
+    contiguous = Holder(W.clone())
+    strided = Holder(W.clone().t().contiguous().t())  # the same values, column-major
+    assert not strided.W.is_contiguous()
+    ids = torch.arange(40) if touched == "all" else torch.tensor([1, 5, 6, 30])
+    results = []
+    for holder in (contiguous, strided):
+        adam = RowAdam(holder, (0.9, 0.999))
+        grads = RowGrads(holder)
+        for step in range(3):
+            g = torch.randn(len(ids), 8, generator=torch.Generator().manual_seed(step))
+            grads.rows = {"W": (ids, g)}
+            adam.step(grads, 1e-2, torch.tensor(0.5))
+        results.append((holder.W.detach().clone(), adam.state["W"]["exp_avg"].clone()))
+    (W_c, m_c), (W_s, m_s) = results
+    torch.testing.assert_close(W_s, W_c, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(m_s, m_c, atol=1e-7, rtol=1e-6)
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[ids] = False
+    assert torch.equal(W_c[untouched], W[untouched]) and not m_c[untouched].any()
+    assert not torch.allclose(W_c[ids], W[ids])

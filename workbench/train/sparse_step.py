@@ -108,8 +108,9 @@ class RowAdam:
         rows is gathered once and, in this order, its gradient scaled by ``clip_coef`` (the global
         clipping factor, from :func:`clip_coefficient`), projected off the row (unit-norm weights),
         stepped by Adam, put back at unit norm (unit-norm weights) and scattered back: the dense
-        step's operations, in the dense step's order, on these rows only."""
-        beta1, beta2 = self.betas
+        step's operations, in the dense step's order, on these rows only. When every row was touched
+        (a batch whose B*K latent slots cover the dictionary) there is nothing to gather: the same
+        operations run in place, chunk by chunk."""
         for name, (ids_T, grad_TD) in grads.rows.items():
             weight = grads.weights[name]
             W_FD = weight.rows_FD
@@ -117,31 +118,39 @@ class RowAdam:
             n_rows = len(ids_T)
             chunk = (max(1, ROWS_PER_CHUNK_BYTES // (W_FD.shape[1] * W_FD.element_size()))
                      if W_FD.device.type == "cpu" else max(n_rows, 1))
+            every_row = n_rows == W_FD.shape[0] and W_FD.is_contiguous()  # sorted unique ids: 0..F-1
             for start in range(0, n_rows, chunk):
-                ids_C = ids_T[start:start + chunk]
-                g_CD = grad_TD[start:start + chunk]
+                rows = slice(start, start + chunk)
+                if every_row:
+                    self._step_rows(weight.unit_norm, W_FD[rows], grad_TD[rows], m_FD[rows], v_FD[rows], lr, clip_coef)
+                    continue
+                ids_C = ids_T[rows]
                 W_CD, m_CD, v_CD = (t.index_select(0, ids_C) for t in (W_FD, m_FD, v_FD))
-                if weight.unit_norm:  # linear in g, so projecting before the clipping scale is the same
-                    along_C11 = torch.bmm(g_CD.unsqueeze(1), W_CD.unsqueeze(2))
-                    g_CD.addcmul_(along_C11.view(-1, 1), W_CD, value=-1.0)
-                # adam() counts the step itself: it gets this step's count less one, in a copy. The
-                # fused kernel applies the clipping factor as it reads g (grad_scale divides by it).
-                scale = {}
-                if clip_coef is not None:
-                    if self._fused:
-                        scale = {"grad_scale": 1.0 / clip_coef, "found_inf": self._no_inf}
-                    else:
-                        g_CD.mul_(clip_coef)
-                adam_step([W_CD], [g_CD], [m_CD], [v_CD], [], [self.step_count.clone()],
-                          fused=self._fused, foreach=False if not self._fused else None, amsgrad=False,
-                          beta1=beta1, beta2=beta2, lr=lr, weight_decay=0.0, eps=self.eps, maximize=False,
-                          **scale)
-                if weight.unit_norm:
-                    W_CD.div_(W_CD.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+                self._step_rows(weight.unit_norm, W_CD, grad_TD[rows], m_CD, v_CD, lr, clip_coef)
                 W_FD.index_copy_(0, ids_C, W_CD)
                 m_FD.index_copy_(0, ids_C, m_CD)
                 v_FD.index_copy_(0, ids_C, v_CD)
         self.step_count += 1
+
+    def _step_rows(self, unit_norm: bool, W_CD: Tensor, g_CD: Tensor, m_CD: Tensor, v_CD: Tensor, lr: float,
+                   clip_coef: Tensor | None) -> None:
+        """Project, clip, Adam and renormalise contiguous rows in place."""
+        if unit_norm:  # linear in g, so projecting before the clipping scale is the same
+            along_C11 = torch.bmm(g_CD.unsqueeze(1), W_CD.unsqueeze(2))
+            g_CD.addcmul_(along_C11.view(-1, 1), W_CD, value=-1.0)
+        # adam() counts the step itself: it gets this step's count less one, in a copy. The fused
+        # kernel applies the clipping factor as it reads g (grad_scale divides by it).
+        scale = {}
+        if clip_coef is not None:
+            if self._fused:
+                scale = {"grad_scale": 1.0 / clip_coef, "found_inf": self._no_inf}
+            else:
+                g_CD.mul_(clip_coef)
+        adam_step([W_CD], [g_CD], [m_CD], [v_CD], [], [self.step_count.clone()], fused=self._fused,
+                  foreach=False if not self._fused else None, amsgrad=False, beta1=self.betas[0],
+                  beta2=self.betas[1], lr=lr, weight_decay=0.0, eps=self.eps, maximize=False, **scale)
+        if unit_norm:
+            W_CD.div_(W_CD.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count, "state": self.state, "betas": list(self.betas), "eps": self.eps}
