@@ -28,6 +28,7 @@ from torch import Tensor
 from .embedded import DEFAULT_MODEL, cpython_texts, load_model
 from .fingerprint import model_fingerprint, text_fingerprint
 from .harvest import harvest
+from .rank_harvest import RankGroup
 from .sites import resolve_site
 from .store import ActivationStore, CacheKey, default_cache_root
 from .streaming import StreamingActivations
@@ -156,9 +157,12 @@ class ActivationSource:
     store or, with ``cfg.cache`` false, straight from the model.
     """
 
-    def __init__(self, cfg: ModelDataConfig, eval_tokens: int, progress: bool = True):
+    def __init__(self, cfg: ModelDataConfig, eval_tokens: int, progress: bool = True,
+                 ranks: RankGroup | None = None):
+        """``ranks``: under torchrun, the job's ranks, which share the harvests (:meth:`prepare`)."""
         cfg.validate()
         self.cfg = cfg
+        self.ranks = ranks if ranks is not None and ranks.world_size > 1 else None
         self.eval_tokens = eval_tokens
         self.progress = progress
         self.cache_root = Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_root()
@@ -232,13 +236,43 @@ class ActivationSource:
                                     context_length=self.cfg.context_length, seed=seed, scale=self.scale,
                                     device=device)
 
-    def _produce(self, held_out: bool):
+    def prepare(self) -> None:
+        """Harvest (or open) the held-out and the training store now. Under torchrun every rank takes
+        part: each runs the model on its share of the batches and rank 0 writes the caches
+        (:mod:`workbench.data.rank_harvest`); the others open them when rank 0 is done."""
+        if self.ranks is None or self.ranks.rank == 0:
+            try:
+                _ = self.eval
+                if self.cfg.cache:
+                    _ = self.train
+            finally:
+                if self.ranks is not None:
+                    self.ranks.finish()
+            return
+        self.ranks.serve({int(held_out): self._contexts_and_run(held_out) for held_out in (True, False)})
+        _ = self.eval
+        if self.cfg.cache:
+            _ = self.train
+
+    def _contexts_and_run(self, held_out: bool):
         special = self.tokenizer.all_special_ids if self.cfg.exclude_special else ()
 
-        def produce(start_context: int) -> Iterator[ActivationChunk]:
-            batches = (b for b in self.contexts(held_out) if int(b.seq_S[-1]) >= start_context)
+        def contexts(start_context: int) -> Iterator[TokenBatch]:
+            return (b for b in self.contexts(held_out) if int(b.seq_S[-1]) >= start_context)
+
+        def run(batches: Iterable[TokenBatch]) -> Iterator[ActivationChunk]:
             return harvest(self.model, self.site, batches, exclude_special_ids=special,
                            drop_outliers=self.cfg.drop_outliers, progress=False)  # the store counts tokens
+
+        return contexts, run
+
+    def _produce(self, held_out: bool):
+        contexts, run = self._contexts_and_run(held_out)
+        if self.ranks is not None and self.ranks.rank == 0:
+            return self.ranks.split(int(held_out), contexts, run)
+
+        def produce(start_context: int) -> Iterator[ActivationChunk]:
+            return run(contexts(start_context))
 
         return produce
 
