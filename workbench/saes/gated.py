@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import BaseSAE, Code, SAEConfig, SAEOutput, geometric_median, init_tied_weights
-from .relu import check_encoder_init_scale, check_l2_reduction, l2_loss
+from .batch import batch_means
+from .relu import check_encoder_init_scale, check_l2_reduction, l2_per_token
 
 
 @dataclass
@@ -102,11 +103,10 @@ class GatedSAE(BaseSAE):
         else:
             aux_recon_BD = self.decode(gate_act_BF)
         reduction = self.cfg.l2_reduction
-        losses = {
-            "l2": l2_loss(x_BD, recon_BD, reduction),
-            "l1": self.cfg.l1_coefficient * gate_act_BF.sum(-1).mean(),
-            "aux": l2_loss(x_BD, aux_recon_BD, reduction),
-        }
+        # Means over the tokens of the whole batch (of every rank under batch_group).
+        l2, l1, aux = batch_means(l2_per_token(x_BD, recon_BD, reduction), gate_act_BF.sum(-1),
+                                  l2_per_token(x_BD, aux_recon_BD, reduction))
+        losses = {"l2": l2, "l1": self.cfg.l1_coefficient * l1, "aux": aux}
         return SAEOutput(recon_BD, Code(f_BF, None, self.cfg.d_sae), losses, {})
 
     @torch.no_grad()

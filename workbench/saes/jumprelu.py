@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from .base import (BaseSAE, Code, SAEConfig, SAEOutput, geometric_median, init_tied_weights,
                    warmup_scale)
-from .relu import check_l2_reduction, l2_loss
+from .batch import batch_means
+from .relu import check_l2_reduction, l2_per_token
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -169,9 +170,10 @@ class JumpReLUSAE(BaseSAE):
         theta_F = self.threshold
         f_BF = _JumpReLU.apply(pi_BF, theta_F, self.cfg.epsilon)
         recon_BD = self.decode(f_BF)
-        l0 = _Step.apply(pi_BF, theta_F, self.cfg.epsilon).sum(-1).mean()
-        losses = {"l2": l2_loss(x_BD, recon_BD, self.cfg.l2_reduction),
-                  "l0": self.cfg.l0_coefficient * self.l0_scale * l0}
+        # Means over the tokens of the whole batch (of every rank under batch_group).
+        l2, l0 = batch_means(l2_per_token(x_BD, recon_BD, self.cfg.l2_reduction),
+                             _Step.apply(pi_BF, theta_F, self.cfg.epsilon).sum(-1))
+        losses = {"l2": l2, "l0": self.cfg.l0_coefficient * self.l0_scale * l0}
         return SAEOutput(recon_BD, Code(f_BF, None, self.cfg.d_sae), losses, {})
 
     def saelens_config(self) -> dict:

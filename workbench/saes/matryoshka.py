@@ -13,6 +13,9 @@ sum over the inner prefixes); the metric "prefix_mse" gives each prefix's MSE pe
 first. As in the paper's code, the inner prefixes truncate the one BatchTopK code; SAELens' version
 instead selects k * B again inside each prefix.
 
+Under :func:`workbench.saes.batch.batch_group` the selection and every loss term are over the global
+batch of every rank; the metric "prefix_mse" stays a total over the local tokens.
+
 ``latent_groups()`` says which level each latent belongs to (level i: latents m_{i-1} to m_i - 1), so
 the feature browser can list one level at a time. Saved like BatchTopK (SAELens "jumprelu").
 """
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .base import LatentGroups, SAEOutput, sparse_decode
+from .batch import batch_count, batch_mean, batch_total_variance, in_group
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .topk import total_variance
 
@@ -84,7 +88,12 @@ class MatryoshkaSAE(BatchTopKSAE):
             recon_BD = sparse_decode(acts_BK * (idx_BK < width), idx_BK, self.W_dec) + self.b_dec
             sq_err_LB.append((x_BD - recon_BD).pow(2).sum(-1))
         inner_LB = torch.stack(sq_err_LB)
-        losses = {**out.losses, "prefix_fvu": inner_LB.mean(-1).sum() / total_variance(x_BD)}
+        if in_group():  # each prefix's mean over the tokens of every rank, over their total variance
+            n_rows = batch_count(x_BD.shape[0], x_BD.device)
+            prefix_fvu = batch_mean(inner_LB.T, n_rows).sum() / batch_total_variance(x_BD, n_rows)
+        else:
+            prefix_fvu = inner_LB.mean(-1).sum() / total_variance(x_BD)
+        losses = {**out.losses, "prefix_fvu": prefix_fvu}
         full_B = (x_BD - out.recon_BD).pow(2).sum(-1)
         prefix_mse_L = torch.cat([inner_LB, full_B[None]]).detach().sum(-1) / self.cfg.d_in
         return SAEOutput(out.recon_BD, out.code, losses, {**out.metrics, "prefix_mse": prefix_mse_L})

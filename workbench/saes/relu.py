@@ -12,16 +12,23 @@ from torch import Tensor, nn
 
 from .base import (BaseSAE, Code, SAEConfig, SAEOutput, geometric_median, init_tied_weights,
                    warmup_scale)
+from .batch import batch_means
 
 L2_REDUCTIONS = ("mean", "sum")
 
 
-def l2_loss(x_BD: Tensor, recon_BD: Tensor, reduction: str) -> Tensor:
-    """Squared error averaged over tokens, and summed or averaged over the d dimensions."""
+def l2_per_token(x_BD: Tensor, recon_BD: Tensor, reduction: str) -> Tensor:
+    """Each token's squared error, summed or averaged over the d dimensions, (B,)."""
     err_B = (x_BD - recon_BD).pow(2).sum(-1)
     if reduction == "mean":
         err_B = err_B / x_BD.shape[1]
-    return err_B.mean()
+    return err_B
+
+
+def l2_loss(x_BD: Tensor, recon_BD: Tensor, reduction: str) -> Tensor:
+    """Squared error averaged over the local tokens, and summed or averaged over the d dimensions
+    (the architectures' losses take the mean over the whole batch with ``batch_means``)."""
+    return l2_per_token(x_BD, recon_BD, reduction).mean()
 
 
 def check_encoder_init_scale(value: float) -> None:
@@ -108,10 +115,9 @@ class ReLUSAE(BaseSAE):
         self.check_input(x_BD)
         z_BF = self._latents(x_BD)
         recon_BD = self.decode(z_BF)
-        losses = {
-            "l2": l2_loss(x_BD, recon_BD, self.cfg.l2_reduction),
-            "l1": self.cfg.l1_coefficient * self.l1_scale * z_BF.sum(-1).mean(),
-        }
+        # Means over the tokens of the whole batch (of every rank under batch_group).
+        l2, l1 = batch_means(l2_per_token(x_BD, recon_BD, self.cfg.l2_reduction), z_BF.sum(-1))
+        losses = {"l2": l2, "l1": self.cfg.l1_coefficient * self.l1_scale * l1}
         return SAEOutput(recon_BD, Code(z_BF, None, self.cfg.d_sae), losses, {})
 
     def flops_per_token(self, training: bool = False) -> int:

@@ -9,6 +9,9 @@ Loss: per-dimension MSE + alpha * E * sum_i f_i P_i (f_i: fraction of tokens sen
 P_i: mean router probability of i). The paper's code writes the loss as sum_d MSE + alpha * d * L_lb,
 which is d times this, so alpha transfers unchanged.
 
+Under :func:`workbench.saes.batch.batch_group` (data parallel) both terms are over the global batch:
+the MSE over every rank's elements, f_i and P_i over every rank's tokens.
+
 Each token is computed by its own expert only: tokens are grouped by expert and each expert runs one
 (n_e, D) x (D, M/E) matmul. The paper's code computes all M latents and masks; ours does not.
 """
@@ -22,6 +25,7 @@ from torch import Tensor, nn
 from .base import (BaseSAE, Code, LatentGroups, RowWeight, SAEConfig, SAEOutput, check_k, count_ids,
                    encoder_decoder_rows, geometric_median, init_tied_weights, latent_major, sparse_decode,
                    sparse_encode, topk_lr)
+from .batch import batch_sum, batch_sum_, in_group
 
 GATES = ("softmax", "heaviside")
 
@@ -144,14 +148,36 @@ class SwitchSAE(BaseSAE):
         acts_BK = acts_BK * self._gate(probs_BE, expert_B)[:, None]
         recon_BD = sparse_decode(acts_BK, idx_BK, self.W_dec) + self.b_dec
 
-        losses = {"mse": (x_BD - recon_BD).pow(2).mean()}
-        if self.cfg.lb_alpha > 0:
-            losses["load_balance"] = self.cfg.lb_alpha * load_balance_loss(probs_BE, expert_B)
+        if in_group():
+            losses = self._batch_losses(x_BD, recon_BD, probs_BE, expert_B)
+        else:
+            losses = {"mse": (x_BD - recon_BD).pow(2).mean()}
+            if self.cfg.lb_alpha > 0:
+                losses["load_balance"] = self.cfg.lb_alpha * load_balance_loss(probs_BE, expert_B)
         probs_BE = probs_BE.detach()
         metrics = {"expert_tokens": count_ids(expert_B, self.cfg.n_experts),
                    "router_prob": probs_BE.sum(0),
                    "router_entropy": torch.special.entr(probs_BE).sum()}
         return SAEOutput(recon_BD, Code(acts_BK, idx_BK, self.cfg.d_sae), losses, metrics)
+
+    def _batch_losses(self, x_BD: Tensor, recon_BD: Tensor, probs_BE: Tensor, expert_B: Tensor) -> dict[str, Tensor]:
+        """The loss terms over the whole batch of every rank (inside :func:`workbench.saes.batch.batch_group`):
+        the MSE over its B * D elements, and the load balance with f_i from the summed expert counts
+        (no gradient) and P_i the mean router probability over the B tokens (differentiable). Two
+        all-reduces: the counts with the row count, then the squared error with sum_b p_b."""
+        n_experts = self.cfg.n_experts
+        counts = batch_sum_(torch.cat([count_ids(expert_B, n_experts),
+                                       torch.full((1,), x_BD.shape[0], dtype=torch.long, device=x_BD.device)]))
+        n_rows = counts[-1]
+        parts = [(x_BD - recon_BD).pow(2).sum()[None]]
+        if self.cfg.lb_alpha > 0:
+            parts.append(probs_BE.sum(0).to(parts[0].dtype))
+        sums = batch_sum(torch.cat(parts))
+        losses = {"mse": sums[0] / (n_rows * x_BD.shape[1])}
+        if self.cfg.lb_alpha > 0:
+            f_E = counts[:n_experts].to(probs_BE.dtype) / n_rows
+            losses["load_balance"] = self.cfg.lb_alpha * n_experts * (f_E * sums[1:] / n_rows).sum()
+        return losses
 
     def summarize_metrics(self, totals: dict[str, Tensor], n_tokens: int) -> dict[str, float | list[float]]:
         """``expert_load`` f_i (the fraction of tokens routed to each expert), ``load_balance``
@@ -197,7 +223,8 @@ class SwitchSAE(BaseSAE):
 
 def load_balance_loss(probs_BE: Tensor, expert_B: Tensor) -> Tensor:
     """Switch Transformer load-balancing loss N * sum_i f_i P_i; equals 1 when routing is uniform.
-    f_i (the argmax counts) carries no gradient; the router learns through P_i."""
+    f_i (the argmax counts) carries no gradient; the router learns through P_i. Over the local batch
+    only (SwitchSAE.forward computes the global one itself under ``batch_group``)."""
     n_experts = probs_BE.shape[1]
     f_E = count_ids(expert_B, n_experts).to(probs_BE.dtype) / expert_B.shape[0]
     return n_experts * (f_E * probs_BE.mean(0)).sum()

@@ -3,7 +3,8 @@
 Training loss: normalised MSE (FVU over the batch) + 1/32 * AuxK, where AuxK reconstructs the
 residual from the top-k_aux pre-activations of dead latents (the trainer's ``dead_mask``: no fire in
 ``TrainConfig.dead_window_tokens`` tokens), decoded without b_pre and normalised by the residual's
-variance, as in the OpenAI reference code.
+variance, as in the OpenAI reference code. Under :func:`workbench.saes.batch.batch_group` both are over
+the global batch (:func:`workbench.saes.batch.batch_fvu`); every rank must pass the same ``dead_mask``.
 
 Only the k active latents of a token (and its k_aux dead ones) get encoder and decoder gradient:
 the encoder backward is an index_add over those rows and the decoder is an embedding_bag.
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from .base import (BaseSAE, Code, RowWeight, SAEConfig, SAEOutput, check_k, encoder_decoder_rows,
                    geometric_median, init_tied_weights, latent_major, sparse_decode, sparse_encode, topk_into, topk_lr)
+from .batch import batch_fvu
 
 _CHUNK_ELEMENTS = 6 * 2**20
 """Pre-activations per encoder chunk on the CPU (24 MiB in float32: below glibc's 32 MiB mmap
@@ -138,7 +140,7 @@ class TopKSAE(BaseSAE):
         recon_BD = sparse_decode(acts_BK, idx_BK, self.W_dec) + self.b_dec
 
         err_BD = x_BD - recon_BD
-        losses = {"fvu": err_BD.pow(2).sum(-1).mean() / total_variance(x_BD)}
+        losses = {"fvu": batch_fvu(x_BD, err_BD)}  # over the whole batch under batch_group
         if self.training and self.cfg.auxk_coef > 0:
             losses["auxk"] = x_BD.new_zeros(()) if aux is None else self._auxk_loss(x_BD, aux, err_BD.detach(), b_enc)
         return SAEOutput(recon_BD, Code(acts_BK, idx_BK, self.cfg.d_sae), losses, {})
@@ -148,7 +150,7 @@ class TopKSAE(BaseSAE):
         without b_pre, normalised by the residual's variance."""
         aux_acts_BK = sparse_encode(x_BD, self.b_dec, self.W_enc, b_enc, aux.vals_BK.relu(), aux.idx_BK)
         aux_recon_BD = sparse_decode(aux_acts_BK, aux.idx_BK, self.W_dec)
-        aux_loss = (err_BD - aux_recon_BD).pow(2).sum(-1).mean() / total_variance(err_BD)
+        aux_loss = batch_fvu(err_BD, err_BD - aux_recon_BD)  # the residual's variance over the whole batch
         aux_loss = self.cfg.auxk_coef * torch.nan_to_num(aux_loss, nan=0.0, posinf=0.0)
         return aux_loss if aux.exact else aux_loss * aux.any_dead
 
