@@ -139,7 +139,8 @@ def _step(strategy, model, local, replicated, opt, x_BD, ctx, counter: CommCount
         out = data_parallel_switch_forward(model, x_BD, ctx)
     opt.zero_grad(set_to_none=True)
     phase("backward")
-    sum(out.losses.values()).backward()
+    # Every rank's losses are the global batch's; each back-propagates its 1/N share.
+    (sum(out.losses.values()) / ctx.world_size).backward()
     phase("grad reduce")
     if strategy == "ep":
         reduce_replicated_grads_(model, ctx)

@@ -1,16 +1,22 @@
 """N ranks equal one process: the torch.distributed mechanics of workbench.train.distributed and
-workbench.train.expert_parallel against the single-process computation on the concatenated batch.
+workbench.train.expert_parallel, the Trainer under ``train.parallel`` (data and expert), its
+checkpoints and resume, and ``torchrun -m workbench train`` end to end, against the single-process
+computation on the concatenated batch.
 
 Each world size starts its processes once (gloo on the CPU, ``torch.multiprocessing.start_processes``,
 a free port on 127.0.0.1); every rank runs all the checks of that world size and writes its tensors to a
-safetensors file; the parent computes the single-process references and asserts. The global batch
-is 12 tokens per rank, concatenated in rank order; rank r's rows are ``shard_rows(batch, r, N)``.
+safetensors file (the Trainer's histories to JSON, its runs into folders); the parent computes the
+single-process references and asserts. The mechanics' global batch is 12 tokens per rank, the
+Trainer's 16, concatenated in rank order; rank r's rows are ``shard_rows(batch, r, N)``.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -20,6 +26,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from workbench import io
+from workbench.cli import main
+from workbench.configtools import read_config_file
+from workbench.run import RunConfig, run
 from workbench.saes import (
     GatedConfig,
     GatedSAE,
@@ -28,8 +38,10 @@ from workbench.saes import (
     TopKConfig,
     TopKSAE,
 )
-from workbench.saes.base import UnitNormDecoder
+from workbench.saes.base import BaseSAE, UnitNormDecoder
 from workbench.saes.topk import total_variance
+from workbench.train import TrainConfig, Trainer
+from workbench.train.checkpoint import latest_checkpoint
 from workbench.train.distributed import (
     DistContext,
     all_reduce_grads_,
@@ -103,7 +115,7 @@ def _adam_steps(model, params, forward, reduce_and_clip, world_size: int, rank: 
     for step in range(STEPS):
         x_BD = shard_rows(_global_batch(world_size, seed=100 + step), rank, n_splits)
         opt.zero_grad()
-        sum(forward(x_BD).losses.values()).backward()
+        (sum(forward(x_BD).losses.values()) / n_splits).backward()
         reduce_and_clip()
         decoder.project_grads()
         opt.step()
@@ -167,7 +179,7 @@ def _checks(ctx: DistContext) -> dict[str, torch.Tensor]:
         # Data parallel, Switch: the load balance over the global f_i and P_i (global_sum).
         sae = _switch(4, 64, n)
         res = data_parallel_switch_forward(sae, x_BD, ctx)
-        sum(res.losses.values()).backward()
+        (sum(res.losses.values()) / n).backward()
         all_reduce_grads_(sae.parameters(), ctx)
         out.update({"dp_switch.recon": res.recon_BD.detach(), **_grads(sae, "dp_switch"),
                     **{f"dp_switch.loss.{k}": v.detach() for k, v in res.losses.items()}})
@@ -204,11 +216,114 @@ def _checks(ctx: DistContext) -> dict[str, torch.Tensor]:
 def _ep_one_step(sae: SwitchSAE, x_BD: torch.Tensor, ctx: DistContext, prefix: str) -> dict[str, torch.Tensor]:
     shard = shard_switch(sae, ctx.rank, ctx.world_size)
     res = expert_parallel_forward(shard, x_BD, ctx)
-    sum(res.losses.values()).backward()
+    (sum(res.losses.values()) / ctx.world_size).backward()
     reduce_replicated_grads_(shard, ctx)
     return {f"{prefix}.recon": res.recon_BD.detach(), f"{prefix}.code": res.code.dense().detach(),
             f"{prefix}.expert_tokens": res.metrics["expert_tokens"],
             **{f"{prefix}.loss.{k}": v.detach() for k, v in res.losses.items()}, **_grads(shard, prefix)}
+
+
+# --- the Trainer on several ranks: what ranks and the parent both build -----------------------------
+
+TRAIN_ROWS_PER_RANK, CHECKPOINT_EVERY, CRASH_AT = 16, 5, 12
+EP_TRAINER_CASES = {2: ("ep_run4", 4, 64), 4: ("ep_run8", 8, 128)}
+"""world size -> (label, n_experts, d_sae) of the Switch SAE the Trainer trains expert-parallel."""
+
+
+def _train_batches(world_size: int) -> list[torch.Tensor]:
+    return [_batch(1000 + i, TRAIN_ROWS_PER_RANK * world_size) for i in range(STEPS)]
+
+
+class _Crashing:
+    """The training batches, raising at batch CRASH_AT: a run killed two steps after a checkpoint."""
+
+    def __init__(self, batches: list[torch.Tensor]):
+        self.batches = batches
+
+    def __iter__(self):
+        for i, x_BD in enumerate(self.batches):
+            if i == CRASH_AT:
+                raise RuntimeError("simulated crash")
+            yield x_BD
+
+
+def _dp_saes() -> dict[str, BaseSAE]:
+    return {"topk": TopKSAE(TopKConfig(d_in=D, d_sae=64, k=K, seed=5)), "gated": _gated(),
+            "switch": SwitchSAE(SwitchConfig(d_in=D, d_sae=64, k=K, n_experts=4, seed=3))}
+
+
+def _ep_saes(world_size: int) -> dict[str, BaseSAE]:
+    _, n_experts, d_sae = EP_TRAINER_CASES[world_size]
+    return {"switch": SwitchSAE(SwitchConfig(d_in=D, d_sae=d_sae, k=K, n_experts=n_experts, seed=3))}
+
+
+def _train_cfg(parallel: str, world_size: int, total_steps: int = STEPS, **fields) -> TrainConfig:
+    # A latent silent for two batches is dead, so TopK's AuxK works within the run.
+    return TrainConfig(total_steps=total_steps, lr=3e-3, warmup_steps=2, log_every=1, progress_bar=False,
+                       grad_clip=MAX_NORM, dead_window_tokens=2 * TRAIN_ROWS_PER_RANK * world_size,
+                       parallel=parallel, **fields)
+
+
+def _weights(prefix: str, saes: dict[str, BaseSAE] | None, grads: bool = False) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, sae in (saes or {}).items():
+        for pname, p in sae.named_parameters():
+            out[f"{prefix}.{name}.{pname}"] = p.detach().clone()
+            if grads and p.grad is not None:
+                out[f"{prefix}.grad.{name}.{pname}"] = p.grad.clone()
+    return out
+
+
+def _trainer_runs(ctx: DistContext, out_dir: Path) -> dict[str, torch.Tensor]:
+    """The Trainer on this world size: data parallel (one step, and a run killed and resumed) at 2
+    ranks; expert parallel (a run killed and resumed at 2 ranks, a plain run at 4)."""
+    n, out = ctx.world_size, {}
+    batches = _train_batches(n)
+
+    def save_history(label: str, trainer: Trainer) -> None:
+        (out_dir / f"{label}.history.rank{ctx.rank}.json").write_text(json.dumps(trainer.history))
+
+    ep_label = EP_TRAINER_CASES[n][0]
+    if n == 4:
+        trainer = Trainer(_ep_saes(n), _train_cfg("expert", n), dist=ctx)
+        trainer.fit(batches)
+        save_history(ep_label, trainer)
+        return _weights(ep_label, trainer.gathered_saes())
+
+    try:  # a stream that differs between the ranks
+        Trainer(_dp_saes(), _train_cfg("data", n), dist=ctx).fit([_batch(ctx.rank, TRAIN_ROWS_PER_RANK * n)])
+        out["refused_different_streams"] = torch.tensor(False)
+    except ValueError as e:
+        out["refused_different_streams"] = torch.tensor("ranks read different first batches" in str(e))
+
+    one = Trainer(_dp_saes(), _train_cfg("data", n, total_steps=1), dist=ctx)
+    one.fit(batches)
+    save_history("dp_one", one)
+    out.update(_weights("dp_one", one.saes, grads=True))
+    for label, parallel, make in (("dp", "data", _dp_saes), (ep_label, "expert", lambda: _ep_saes(n))):
+        # Data parallel reads ahead in a thread, as on a GPU.
+        cfg = _train_cfg(parallel, n, checkpoint_every=CHECKPOINT_EVERY, prefetch=parallel == "data")
+        straight = Trainer(make(), cfg, run_dir=out_dir / label, dist=ctx)
+        straight.fit(batches)
+        save_history(label, straight)
+        out.update(_weights(label, straight.gathered_saes()))
+
+        killed = out_dir / f"{label}_killed"
+        try:
+            Trainer(make(), cfg, run_dir=killed, dist=ctx).fit(_Crashing(batches))
+            raise AssertionError("the stream should have crashed")
+        except RuntimeError:
+            pass
+        ctx.barrier()
+        if ctx.is_writer:  # what the killed run left, for the parent to resume on one process
+            shutil.copytree(killed, out_dir / f"{label}_left")
+        ctx.barrier()
+        resumed = Trainer.resume(killed, dist=ctx)
+        assert resumed.step == 2 * CHECKPOINT_EVERY
+        resumed.fit(batches)
+        save_history(f"{label}_resumed", resumed)
+        out.update(_weights(f"{label}_resumed", resumed.gathered_saes()))
+    return out
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -218,8 +333,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     ctx = init_from_env()
     try:
         assert (ctx.rank, ctx.world_size, ctx.backend) == (rank, world_size, "gloo")
-        out = {name: t.contiguous() for name, t in _checks(ctx).items()}
-        save_file(out, str(Path(out_dir) / f"rank{rank}.safetensors"))
+        out = {**_checks(ctx), **_trainer_runs(ctx, Path(out_dir))}
+        save_file({name: t.contiguous() for name, t in out.items()}, str(Path(out_dir) / f"rank{rank}.safetensors"))
     finally:
         ctx.destroy()
 
@@ -243,21 +358,32 @@ def _start_method() -> str:
     return "forkserver"
 
 
-def _spawn(world_size: int, tmp_path_factory) -> list[dict[str, torch.Tensor]]:
+def _spawn(world_size: int, tmp_path_factory) -> tuple[list[dict[str, torch.Tensor]], Path]:
     out_dir = tmp_path_factory.mktemp(f"world{world_size}")
     mp.start_processes(_worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True,
                        start_method=_start_method())
-    return [load_file(str(out_dir / f"rank{r}.safetensors")) for r in range(world_size)]
+    return [load_file(str(out_dir / f"rank{r}.safetensors")) for r in range(world_size)], out_dir
 
 
 @pytest.fixture(scope="module")
-def ranks2(tmp_path_factory):
+def world2(tmp_path_factory):
+    """What the 2 ranks computed, and the folder of their runs."""
     return _spawn(2, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def ranks4(tmp_path_factory):
+def world4(tmp_path_factory):
     return _spawn(4, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ranks2(world2):
+    return world2[0]
+
+
+@pytest.fixture(scope="module")
+def ranks4(world4):
+    return world4[0]
 
 
 @pytest.fixture(params=[2, 4])
@@ -343,7 +469,8 @@ def _assert_switch_step(res: list[dict], prefix: str, sae: SwitchSAE, x_BD: torc
     torch.testing.assert_close(_cat(res, f"{prefix}.recon"), ref.recon_BD.detach(), **TOL)
     assert set(ref.losses) == {"mse", "load_balance"}
     for term, value in ref.losses.items():
-        torch.testing.assert_close(_total(res, f"{prefix}.loss.{term}"), value.detach(), **TOL, msg=term)
+        for r in res:  # every rank reports the global batch's loss
+            torch.testing.assert_close(r[f"{prefix}.loss.{term}"], value.detach(), **TOL, msg=term)
     if not sharded:
         _assert_grads(res, prefix, sae)
         return
@@ -395,7 +522,180 @@ def test_expert_parallel_training_steps_equal_one_process(ranks):
     assert moved > 1e-2, "the steps must move the weights for the comparison to mean something"
     assert not any(k.startswith("trained.") for k in res[1])
     for name, param in sae.named_parameters():
-        torch.testing.assert_close(res[0][f"trained.{name}"], param.detach(), **TOL, msg=name)
+        torch.testing.assert_close(res[0][f"trained.{name}"], param.detach(), **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# --- the Trainer: the references and the assertions ---------------------------------------------------
+
+def _histories(out_dir: Path, label: str, world_size: int) -> list[list[dict]]:
+    return [json.loads((out_dir / f"{label}.history.rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def _assert_rows_close(rows: list[dict], ref_rows: list[dict]) -> None:
+    """Every number of every history row (loss terms, mse, l0, dead fraction, the SAEs' metrics)."""
+    assert [(r["step"], r["sae"], r["tokens"]) for r in rows] == [(r["step"], r["sae"], r["tokens"]) for r in ref_rows]
+    for row, ref in zip(rows, ref_rows):
+        assert row.keys() == ref.keys()
+        for key, value in ref.items():
+            if isinstance(value, (int, float, list)):
+                assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (row["step"], row["sae"], key)
+
+
+def _assert_weights(res: dict, prefix: str, saes: dict[str, BaseSAE], grads: bool = False, exact: bool = False) -> None:
+    for name, sae in saes.items():
+        for pname, p in sae.named_parameters():
+            pairs = [(f"{prefix}.{name}.{pname}", p)]
+            if grads and p.grad is not None:
+                pairs.append((f"{prefix}.grad.{name}.{pname}", p.grad))
+            for key, ref in pairs:
+                if exact:
+                    assert torch.equal(res[key], ref), key
+                else:
+                    torch.testing.assert_close(res[key], ref.detach(), **TOL, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_trainer_data_parallel_step_equals_one_process(world2):
+    """One step of TopK, Gated and Switch on 2 ranks at 16 rows each: every loss term, mse, l0,
+    every gradient (clipped, projected) and every updated weight of one process at 32 rows."""
+    res, out_dir = world2
+    ref = Trainer(_dp_saes(), _train_cfg("data", 2, total_steps=1))  # one process: "data" has no effect
+    ref.fit(_train_batches(2))
+    for rows in _histories(out_dir, "dp_one", 2):
+        _assert_rows_close(rows, ref.history)
+    assert {"fvu", "auxk"} <= {k.removeprefix("loss/") for k in ref.history[0]}
+    for r in res:
+        _assert_weights(r, "dp_one", ref.saes, grads=True)
+
+
+def test_ranks_that_read_different_streams_are_refused(ranks2):
+    assert all(r["refused_different_streams"].item() for r in ranks2)
+
+
+def test_trainer_data_parallel_run_equals_one_process(world2):
+    """20 steps: the weights, every history row (AuxK at work once latents die) and the firing."""
+    res, out_dir = world2
+    ref = Trainer(_dp_saes(), _train_cfg("data", 2))
+    ref.fit(_train_batches(2))
+    assert any(row.get("loss/auxk", 0) > 0 for row in ref.history), "AuxK must be active for the test to mean much"
+    assert ref.firing["topk"].dead_fraction() > 0
+    for rows in _histories(out_dir, "dp", 2):
+        _assert_rows_close(rows, ref.history)
+    for r in res:
+        _assert_weights(r, "dp", ref.saes)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_trainer_expert_parallel_run_equals_one_process(world_size, request):
+    """Switch E=4 on 2 ranks, E=8 on 4: after 20 steps the weights gathered on rank 0 and every
+    history row equal one process's."""
+    res, out_dir = request.getfixturevalue(f"world{world_size}")
+    label = EP_TRAINER_CASES[world_size][0]
+    ref = Trainer(_ep_saes(world_size), _train_cfg("expert", world_size))
+    ref.fit(_train_batches(world_size))
+    for rows in _histories(out_dir, label, world_size):
+        _assert_rows_close(rows, ref.history)
+    _assert_weights(res[0], label, ref.saes)
+    assert not any(key.startswith(f"{label}.") for key in res[1])  # gathered on rank 0 only
+
+
+@pytest.mark.parametrize("label", ["dp", "ep_run4"])
+def test_a_killed_run_resumed_on_2_ranks_is_bit_identical(world2, label):
+    """Killed two steps after its step-10 checkpoint, resumed on 2 ranks: the same weights, bit for
+    bit, and the same history as the run that was never interrupted."""
+    res, out_dir = world2
+    ranks = range(2) if label == "dp" else range(1)
+    for r in ranks:
+        keys = [key for key in res[r] if key.startswith(f"{label}.")]
+        assert keys
+        for key in keys:
+            assert torch.equal(res[r][f"{label}_resumed{key.removeprefix(label)}"], res[r][key]), key
+    straight, resumed = _histories(out_dir, label, 2), _histories(out_dir, f"{label}_resumed", 2)
+    assert resumed == straight
+
+
+def test_checkpoints_hold_whole_sae_folders_and_rank_files_for_shards(world2):
+    """Rank 0 writes ordinary SAE folders (gathered when sharded); a sharded run adds one rank file
+    per rank, a data-parallel one none."""
+    res, out_dir = world2
+    ep = latest_checkpoint(out_dir / "ep_run4")
+    assert ep.name == "step_00000020" and sorted(p.name for p in ep.glob("rank_*")) == ["rank_0.pt", "rank_1.pt"]
+    state = torch.load(ep / "trainer_state.pt", weights_only=True)
+    assert state["saes"] == {"switch": {}} and state["parallel"] == {"strategy": "expert", "world_size": 2}
+    for folder in (ep / "saes" / "switch", out_dir / "ep_run4" / "saes" / "switch"):
+        whole = io.load(folder)
+        assert whole.cfg.n_experts == 4 and whole.cfg.d_sae == 64
+        for name, p in whole.named_parameters():
+            assert torch.equal(p, res[0][f"ep_run4.switch.{name}"]), name
+    dp = latest_checkpoint(out_dir / "dp")
+    assert not list(dp.glob("rank_*"))
+    for name in ("topk", "gated", "switch"):
+        assert torch.equal(io.load(out_dir / "dp" / "saes" / name).W_dec, res[0][f"dp.{name}.W_dec"])
+
+
+def test_resume_data_parallel_on_one_process_and_refuse_to_reshard(world2):
+    """A data-parallel checkpoint continues on any number of ranks at the same global batch; a
+    sharded one only on the world size it was written with."""
+    res, out_dir = world2
+    resumed = Trainer.resume(out_dir / "dp_left")
+    assert resumed.step == 2 * CHECKPOINT_EVERY
+    resumed.fit(_train_batches(2))
+    for name, sae in resumed.saes.items():
+        for pname, p in sae.named_parameters():
+            torch.testing.assert_close(p.detach(), res[0][f"dp.{name}.{pname}"], **TOL)
+    with pytest.raises(ValueError, match=r"parallel='expert' on 2 rank\(s\), this run has parallel=None on 1; .*"
+                                         r"resume with parallel='expert' on 2 rank") as e:
+        Trainer.resume(out_dir / "ep_run4_left")
+    _one_line(e)
+
+
+# --- torchrun -m workbench train ----------------------------------------------------------------------
+
+CLI_CONFIG = """\
+run_dir: {run_dir}
+train: {{total_steps: 20, lr: 3e-3, log_every: 5, checkpoint_every: 10, progress_bar: false, parallel: {parallel}}}
+data: {{source: synthetic, batch_size: 64, eval_tokens: 256, synthetic: {{d: 16, n_features: 48, mean_active: 3}}}}
+saes:
+{saes}
+"""
+CLI_SAES = {"data": "  topk: {architecture: topk, d_sae: 64, k: 3}\n  gated: {architecture: gated, d_sae: 64}",
+            "expert": "  switch: {architecture: switch, d_sae: 64, k: 3, n_experts: 4}"}
+
+
+def _torchrun(config: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "workbench", "train", str(config)]
+    return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.parametrize("parallel", ["data", "expert"])
+def test_torchrun_train_end_to_end_equals_one_process(tmp_path, parallel):
+    """``torchrun --nproc-per-node 2 -m workbench train CONFIG`` on synthetic data: rank 0 prints the
+    table once and writes the run; its SAE folders load with workbench.io.load and equal those of
+    the same config trained in one process at the same global batch."""
+    configs = {}
+    for where in ("ranks", "one"):
+        configs[where] = tmp_path / f"{where}.yaml"
+        configs[where].write_text(CLI_CONFIG.format(run_dir=tmp_path / where, parallel=parallel,
+                                                    saes=CLI_SAES[parallel]))
+    done = _torchrun(configs["ranks"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("SAE folders:") == 1 and "Traceback" not in done.stderr
+    assert main(["train", str(configs["one"])]) == 0
+    names = ["topk", "gated"] if parallel == "data" else ["switch"]
+    for name in names:
+        a, b = io.load(tmp_path / "ranks" / "saes" / name), io.load(tmp_path / "one" / "saes" / name)
+        assert type(a) is type(b) and a.cfg == b.cfg
+        for (pname, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, **TOL, msg=lambda m, key=f"{name}.{pname}": f"{key}: {m}")
+    metrics = [json.loads((tmp_path / where / "metrics.json").read_text()) for where in ("ranks", "one")]
+    assert metrics[0].keys() == metrics[1].keys() == set(names)
+    for name in names:
+        assert metrics[0][name]["mse"] == pytest.approx(metrics[1][name]["mse"], rel=1e-3)
+    history = json.loads((tmp_path / "ranks" / "history.json").read_text())
+    assert [row["tokens"] for row in history if row["sae"] == names[0]] == [320, 640, 960, 1280]
 
 
 # --- refusals ---------------------------------------------------------------------------------------
@@ -425,6 +725,40 @@ def test_refusals_say_how_to_fix_them():
     _one_line(e)
     with pytest.raises(ValueError, match="save gather_switch"):
         shard.saelens_tensors()
+
+
+def test_trainer_refuses_a_launch_it_does_not_fit_in_one_line(tmp_path):
+    """Said when the Trainer is built, before any collective (so a context without a process group
+    shows them), each with its fix."""
+    two, three = DistContext(rank=0, world_size=2, backend="gloo"), DistContext(rank=0, world_size=3, backend="gloo")
+    cases = [
+        (_dp_saes(), _train_cfg(None, 2), two, "TrainConfig.parallel is None; set train.parallel to one of"),
+        (_dp_saes(), _train_cfg("data", 2, optimizer="sparse_adam"), two,
+         "optimizer='sparse_adam' is refused under torchrun .*use optimizer 'adam' under torchrun"),
+        (_dp_saes(), _train_cfg("expert", 2), two,
+         ("parallel='expert', SAE 'topk': expert parallelism shards the experts of a Switch SAE, not a 'topk' "
+          "SAE .*train it with train.parallel: data")),
+        (_ep_saes(2), _train_cfg("expert", 3), three,
+         r"SAE 'switch': n_experts=4 is not divisible by the world size 3; run on \[1, 2, 4\] ranks"),
+    ]
+    for saes, cfg, ctx, message in cases:
+        with pytest.raises(ValueError, match=message) as e:
+            Trainer(saes, cfg, dist=ctx)
+        _one_line(e)
+    with pytest.raises(ValueError, match=r"TrainConfig.parallel='model' must be None or one of \('data', 'expert'\)"):
+        _train_cfg("model", 2)
+    with pytest.raises(RuntimeError, match="under torchrun call fit"):
+        Trainer(_dp_saes(), _train_cfg("data", 2), dist=two).start(_train_batches(2))
+    config = tmp_path / "run.yaml"
+    config.write_text(CLI_CONFIG.format(run_dir=tmp_path / "run", parallel="data", saes=CLI_SAES["data"]))
+    with pytest.raises(ValueError, match="data.batch_size=64 does not split over 3 ranks .*use a multiple of 3, e.g. 63"):
+        run(RunConfig.from_dict(read_config_file(config)), dist=three)
+    # One process: train.parallel is accepted and changes nothing.
+    a = Trainer(_ep_saes(2), _train_cfg("expert", 2, total_steps=3))
+    b = Trainer(_ep_saes(2), _train_cfg(None, 2, total_steps=3))
+    a.fit(_train_batches(2))
+    b.fit(_train_batches(2))
+    assert all(torch.equal(p, q) for p, q in zip(a.saes["switch"].parameters(), b.saes["switch"].parameters()))
 
 
 def test_single_process_is_untouched(monkeypatch):

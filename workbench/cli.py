@@ -12,6 +12,7 @@ from .run import format_table, index_run, run
 from .runconfig import DataConfig, RunConfig
 from .saes import ARCHITECTURES
 from .train.checkpoint import CheckpointError
+from .train.distributed import init_from_env
 from .train.trainer import TrainConfig
 
 USER_ERRORS = (ValueError, OSError, CacheError, CheckpointError)
@@ -64,7 +65,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_dict(read_config_file(args.config))
     if args.run_dir:
         cfg.run_dir = args.run_dir
-    results = run(cfg, resume=args.resume)
+    ctx = init_from_env()  # under torchrun: this rank of the launch; else one process
+    try:
+        results = run(cfg, resume=args.resume, dist=ctx)
+    finally:
+        ctx.destroy()
+    if not ctx.is_writer:
+        return 0
     print(format_table(results))
     print(f"\nSAE folders: {Path(cfg.run_dir) / 'saes'}/<name>   metrics: {Path(cfg.run_dir) / 'metrics.json'}")
     return 0
@@ -102,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train the SAEs described by a YAML/JSON config",
-                           description="Train SAEs side by side on one activation stream, then evaluate them.",
+                           description="Train SAEs side by side on one activation stream, then evaluate them. "
+                                       "On N ranks: torchrun --nproc-per-node N -m workbench train CONFIG, with "
+                                       "train.parallel: data (any SAE: replicas, each rank on 1/N of every "
+                                       "batch) or expert (Switch SAEs: the experts sharded over the ranks); "
+                                       "README, 'Beyond one GPU'.",
                            epilog=_train_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("config", help="YAML or JSON run config (fields below)")
     train.add_argument("--run-dir", help="override the config's run_dir")

@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .data.rank_harvest import RankGroup
 from .data.source import ActivationSource
 from .data.synthetic import SyntheticData, recovery_score
 from .eval.downstream import splice_scores_many
@@ -19,6 +20,7 @@ from .io import fold_input_scale
 from .io import load as load_sae
 from .runconfig import DataConfig, ModelDataConfig, RunConfig, build_saes
 from .train import checkpoint
+from .train.distributed import DistContext, init_from_env
 from .train.trainer import Trainer
 
 __all__ = ["ActivationSource", "DataConfig", "ModelDataConfig", "RunConfig", "build_saes", "run", "format_table",
@@ -35,18 +37,19 @@ RUN_ARTEFACTS = {"checkpoints", "saes", "features", "metrics.json", "history.jso
 """What a run writes into its run_dir; ``run(overwrite=True)`` deletes only a folder made of these."""
 
 
-def _clear_run_dir(run_dir: Path) -> None:
+def _clear_run_dir(run_dir: Path, delete: bool = True) -> None:
     if not run_dir.exists():
         return
     foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ARTEFACTS)
     if foreign:
         raise ValueError(f"overwrite=True would delete {run_dir}, which holds files a run does not write "
                          f"({', '.join(foreign[:3])}); choose another run_dir")
-    shutil.rmtree(run_dir)
+    if delete:
+        shutil.rmtree(run_dir)
 
 
-def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
-        overwrite: bool = False) -> dict[str, dict[str, Any]]:
+def run(cfg: RunConfig, resume: bool = False, progress: bool = True, overwrite: bool = False, *,
+        dist: DistContext | None = None) -> dict[str, dict[str, Any]]:
     """Train the configured SAEs, evaluate them on held-out data, write ``metrics.json`` and the
     training history (``history.json``, read back with :func:`read_history`).
 
@@ -56,16 +59,28 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
 
     ``overwrite=True`` first deletes what an earlier run left in ``run_dir`` (so a notebook cell can
     be run again); without it, a run_dir with checkpoints is an error unless ``resume``.
+
+    Under ``torchrun`` (``dist``; by default the environment's, :func:`~workbench.train.distributed.init_from_env`)
+    every rank calls it and trains as ``cfg.train.parallel`` says; rank 0 writes the run's files,
+    evaluates and returns the results, the other ranks return {} once training has ended. Leaving
+    the process group is the caller's (``dist.destroy()``).
     """
+    ctx = dist if dist is not None else init_from_env()
     cfg.validate()
     if overwrite and resume:
         raise ValueError("overwrite=True deletes the run that resume=True would continue; choose one")
+    if ctx.distributed and cfg.data.batch_size % ctx.world_size:
+        size, n = cfg.data.batch_size, ctx.world_size
+        raise ValueError(f"data.batch_size={size} does not split over {n} ranks (each trains on an equal share of "
+                         f"every global batch); use a multiple of {n}, e.g. {max(size // n, 1) * n}")
     cfg.train.progress_bar = cfg.train.progress_bar and progress
     run_dir = Path(cfg.run_dir)
     data = cfg.data
     if overwrite:
-        _clear_run_dir(run_dir)
-    _prepare_run_dir(cfg, run_dir, resume)  # before any model loads: a bad run_dir fails now, not after training
+        _clear_run_dir(run_dir, delete=ctx.is_writer)
+        ctx.barrier()  # no rank looks at run_dir before rank 0 has emptied it
+    # Before any model loads: a bad run_dir fails now, not after training.
+    _prepare_run_dir(cfg, run_dir, resume, write=ctx.is_writer)
     if data.source == "synthetic":
         synthetic = SyntheticData(data.synthetic)
         d_in, scale, metadata = data.synthetic.d, None, {"data": "synthetic"}
@@ -73,26 +88,36 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
         eval_batches = partial(synthetic.sample(data.eval_tokens, seed=data.seed + 1_000_003).split,
                                data.batch_size)
     else:
-        source = ActivationSource(data.model, data.eval_tokens, progress)
+        # Every rank runs the model on its share of the harvests (the held-out store, and the training
+        # store when cached), rank 0 writes them; a streamed training run (cache false) streams on
+        # every rank on its own.
+        ranks = RankGroup(ctx.rank, ctx.world_size) if ctx.distributed else None
+        source = ActivationSource(data.model, data.eval_tokens, progress and ctx.is_writer, ranks=ranks)
+        if ranks is not None:
+            source.prepare()
         d_in, scale, metadata = source.d, source.scale, source.metadata()
         stream = source.training_stream(data.batch_size, seed=data.seed)
         eval_batches = partial(source.eval.batches, data.batch_size, epochs=1, drop_last=False, scale=scale)
 
+    # One process trains on the CPU; on several ranks the Trainer moves the SAEs to each rank's device.
     if resume:
-        trainer = Trainer.resume(run_dir, cfg.train)
+        trainer = Trainer.resume(run_dir, cfg.train, dist=ctx)
     else:
-        trainer = Trainer(build_saes(cfg, d_in), cfg.train, run_dir=run_dir, metadata=metadata,
-                          input_scale=scale)
+        trainer = Trainer(build_saes(cfg, d_in), cfg.train, run_dir=run_dir, metadata=metadata, input_scale=scale,
+                          dist=ctx)
     trainer.fit(stream)
+    trained = trainer.gathered_saes()  # a collective when the SAEs are sharded
+    if not ctx.is_writer:
+        return {}
 
-    results = {name: evaluate(sae, eval_batches()) for name, sae in trainer.saes.items()}
+    results = {name: evaluate(sae, eval_batches()) for name, sae in trained.items()}
     if data.source == "synthetic":
-        for name, sae in trainer.saes.items():
-            results[name]["recovery"] = recovery_score(synthetic.features_FD, sae.W_dec)
+        for name, sae in trained.items():
+            results[name]["recovery"] = recovery_score(synthetic.features_FD, sae.W_dec.cpu())
     else:
         device = next(source.model.parameters()).device
         raw_saes = {name: (fold_input_scale(sae, scale) if scale is not None else sae).to(device)
-                    for name, sae in trainer.saes.items()}
+                    for name, sae in trained.items()}
         scores = splice_scores_many(source.model, raw_saes, source.site, source.downstream_batches(),
                                     progress=False)
         for name in results:
@@ -104,8 +129,9 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
     return results
 
 
-def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
-    """Check run_dir before anything is computed, and record the config a resume must match."""
+def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = True) -> None:
+    """Check run_dir before anything is computed, and (with ``write``: rank 0) record the config a
+    resume must match."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir={str(run_dir)!r} is a file, not a folder; choose another run_dir")
     saved_config = run_dir / checkpoint.CHECKPOINTS_DIR / RUN_CONFIG_FILE
@@ -120,6 +146,8 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     if checkpoint.latest_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds a run with checkpoints; continue it with --resume "
                          f"(resume=True), or choose a new run_dir (overwrite=True deletes it)")
+    if not write:
+        return
     try:
         saved_config.parent.mkdir(parents=True, exist_ok=True)
         saved_config.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

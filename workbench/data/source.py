@@ -231,7 +231,8 @@ class ActivationSource:
         if self.cfg.cache:
             return self.train.batches(batch_size, seed=seed, epochs=None, scale=self.scale)
         device = next(self.model.parameters()).device
-        return StreamingActivations(self._produce(False), batch_size=batch_size,
+        # Under torchrun every rank streams on its own (a stream is not a harvest the ranks share).
+        return StreamingActivations(self._produce(False, shared=False), batch_size=batch_size,
                                     buffer_tokens=self.cfg.stream_buffer_tokens, n_tokens=self.cfg.n_tokens,
                                     context_length=self.cfg.context_length, seed=seed, scale=self.scale,
                                     device=device)
@@ -266,9 +267,11 @@ class ActivationSource:
 
         return contexts, run
 
-    def _produce(self, held_out: bool):
+    def _produce(self, held_out: bool, shared: bool = True):
+        """``produce(start_context)`` of a store's harvest; ``shared``: run by every rank under
+        torchrun (rank 0's cache writer gets the other ranks' chunks)."""
         contexts, run = self._contexts_and_run(held_out)
-        if self.ranks is not None and self.ranks.rank == 0:
+        if shared and self.ranks is not None and self.ranks.rank == 0:
             return self.ranks.split(int(held_out), contexts, run)
 
         def produce(start_context: int) -> Iterator[ActivationChunk]:

@@ -12,49 +12,61 @@ The convention every helper follows (shape suffixes as in :mod:`workbench.saes.b
 * **The global batch.** One optimiser step reads one global batch x_BD; rank r computes on its rows
   x_r (:func:`shard_rows`). N ranks must give the loss, the gradients and the step one process gives
   on the whole x_BD.
-* **Each rank's loss is its share.** Rank r's loss L_r is chosen so that the global loss is
-  L = sum_r L_r. A term that is a mean over tokens, (1/B) sum_b l_b, has the share
-  (1/B) sum_{b in r} l_b: the rank's own tokens divided by the *global* count. A term that every rank
-  computes identically from all-reduced statistics (a replicated value V) has the share V / N.
+* **Every rank reports the global loss; it back-propagates its share.** Inside
+  :func:`workbench.saes.batch.batch_group` an SAE's forward on x_r returns each loss term as the
+  global batch's value V, the same on every rank (the expert-parallel forward too). Rank r
+  back-propagates L_r = V / N, so that the global loss is sum_r L_r = V. A rank's share may also be
+  written term by term: a mean over tokens, (1/B) sum_b l_b, has the share (1/B) sum_{b in r} l_b,
+  the rank's own tokens divided by the *global* count (:func:`token_share`).
 * **Gradients are summed.** After ``backward`` on L_r, :func:`all_reduce_grads_` with ``op="sum"``
-  leaves dL/dtheta on every rank. The logged loss is the all-reduced sum of the L_r.
+  leaves dV/dtheta on every rank.
 * **Batch-wide statistics** that depend on parameters (Switch's router mean P_i) are all-reduced with
   :func:`global_sum`, torch's differentiable all-reduce
   (``torch.distributed.nn.functional.all_reduce``). Its backward all-reduces the incoming gradient,
   and that is exactly right, not a double count: with S = sum_r s_r,
   dL/ds_r = sum_r' dL_r'/dS, the sum over every rank's use of S, and that sum is what the backward's
-  all-reduce computes. The only way to count twice is to break the share rule, e.g. to use a
-  replicated V as each rank's loss instead of V / N (then L = N V and the gradients are N times too
+  all-reduce computes. The only way to count twice is to break the share rule, i.e. to back-propagate
+  the replicated V on every rank instead of V / N (then L = N V and the gradients are N times too
   big). ``tests/test_distributed.py`` checks the gradients against one process.
-* Statistics without gradient (token counts, Switch's f_i, the total variance of the data) are plain
-  all-reduces.
+* Statistics without gradient (token counts, Switch's f_i, the total variance of the data, the
+  firing counts: :class:`GlobalFiringStats`) are plain all-reduces.
 
-A data-parallel step under this convention: x_r = shard_rows(global batch); the SAE's own forward on
-x_r; each loss term turned into its share (a per-token mean, such as a Gated SAE's terms, times
-:func:`token_share` B_r / B; TopK's FVU, a per-token mean over the batch's total variance, times
-(B_r / B) (TV_r / TV) with TV from :func:`global_total_variance`; a Switch SAE's terms from
-:func:`workbench.train.expert_parallel.data_parallel_switch_forward`); backward;
-``all_reduce_grads_(params, ctx, "sum")``; :func:`clip_grad_norm_`; the decoder projection and the
-optimiser step as on one process. ``op="mean"`` (DDP's convention) is right only for losses that are
-each rank's own mean with equal B_r and no batch-wide statistic.
+A data-parallel step under this convention (what :class:`workbench.train.Trainer` does under
+``train.parallel: data``): x_r = shard_rows(global batch); the SAE's own forward on x_r inside
+``batch_group``; ``(sum(losses) / N).backward()``; ``all_reduce_grads_(params, ctx, "sum")``;
+clipping with the (now global) gradient norm; the decoder projection and the optimiser step as on
+one process. ``op="mean"`` (DDP's convention) is right only for losses that are each rank's own mean
+with equal B_r and no batch-wide statistic.
+
+A sharded strategy (``train.parallel`` naming one of :data:`STRATEGIES` other than "data") splits
+an SAE's weights over the ranks; :func:`sharding` says how (:class:`Sharding`). Its replicated
+parameters' gradients are summed, its sharded ones are complete on their rank, and clipping uses
+:func:`clip_grad_norm_` over both.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
+from ..eval.metrics import FiringStats
+from ..saes.base import BaseSAE, Code
+
 T = TypeVar("T")
 
 _ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+STRATEGIES = ("data", "expert")
+"""The values of ``TrainConfig.parallel`` (besides None): "data", every SAE replicated on every rank,
+and the strategies that shard an SAE's weights (:func:`sharding`)."""
 
 
 @dataclass
@@ -78,6 +90,16 @@ class DistContext:
     def distributed(self) -> bool:
         """More than one process: the collectives talk to other ranks."""
         return self.world_size > 1
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank computes: GPU ``local_rank`` under nccl, else the CPU."""
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (nothing at world size 1)."""
+        if self.distributed:
+            dist.barrier(group=self.group)
 
     def destroy(self) -> None:
         """Leave the process group (if this context joined one)."""
@@ -274,6 +296,39 @@ def global_sum_(t: Tensor, ctx: DistContext) -> Tensor:
     return t
 
 
+@torch.no_grad()
+def broadcast_(tensors: Iterable[Tensor], ctx: DistContext) -> None:
+    """Overwrite ``tensors`` (parameters, buffers) on every rank with rank 0's, in place."""
+    if ctx.distributed:
+        for t in tensors:
+            dist.broadcast(t.detach(), group=ctx.group, group_src=0)
+
+
+@torch.no_grad()
+def same_on_every_rank(t: Tensor, ctx: DistContext, rtol: float = 1e-6) -> bool:
+    """Whether ``t`` agrees across ranks (e.g. the global batch each rank read), judged by its sum
+    and its sum of absolute values to ``rtol``; the same answer on every rank."""
+    if not ctx.distributed:
+        return True
+    stats = torch.stack([t.sum(), t.abs().sum()]).double()
+    high, low = stats.clone(), stats.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=ctx.group)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=ctx.group)
+    return bool(((high - low) <= rtol * high.abs().clamp_min(1.0)).all())
+
+
+@torch.no_grad()
+def earliest_(firsts: Tensor, ctx: DistContext) -> Tensor:
+    """Elementwise over ranks, the smallest non-negative entry of an int64 tensor of first indices
+    (-1 where no rank has one); in place, returned (``firsts`` itself at world size 1)."""
+    if not ctx.distributed:
+        return firsts
+    big = 2**62  # a max of (big - index) picks the smallest index; 0 stands for none
+    code = torch.where(firsts >= 0, big - firsts, 0)
+    dist.all_reduce(code, op=dist.ReduceOp.MAX, group=ctx.group)
+    return firsts.copy_(torch.where(code > 0, big - code, -1))
+
+
 def global_count(n_rows: int, ctx: DistContext, device: torch.device | str = "cpu") -> int:
     """The global batch size: the sum over ranks of each rank's row count."""
     if not ctx.distributed:
@@ -302,3 +357,59 @@ def token_share(n_local: int, ctx: DistContext, device: torch.device | str = "cp
     """B_r / B: the factor that turns a rank's mean over its own tokens into its share of the global
     mean over tokens (for loss terms that are plain per-token means, e.g. a Gated SAE's)."""
     return n_local / global_count(n_local, ctx, device)
+
+
+# --- the firing counter ---------------------------------------------------------------------------
+
+class GlobalFiringStats(FiringStats):
+    """A :class:`~workbench.eval.metrics.FiringStats` over the global batch: each update all-reduces
+    the rank's fire counts (4 bytes per latent) and counts N times its tokens (the ranks hold equal
+    row shards), so every rank keeps the counter one process would keep, and the dead masks agree."""
+
+    def __init__(self, d_sae: int, window_tokens: int | None, device: str | torch.device, ctx: DistContext):
+        super().__init__(d_sae, window_tokens, device)
+        self.ctx = ctx
+
+    def update(self, code: Code) -> None:
+        if code.d_sae != self.d_sae:
+            raise ValueError(f"code has d_sae={code.d_sae} but these FiringStats track {self.d_sae} latents")
+        # int32 on the wire (a batch's count fits), half the bytes of the int64 counter.
+        counts_F = global_sum_(code.fire_counts().to(torch.int32), self.ctx)
+        if self.fire_counts_F.device != counts_F.device:
+            self.fire_counts_F = self.fire_counts_F.to(counts_F.device)
+            self.tokens_since_fired_F = self.tokens_since_fired_F.to(counts_F.device)
+        n_tokens = code.acts.shape[0] * self.ctx.world_size
+        self.fire_counts_F += counts_F
+        self.tokens_since_fired_F.add_(n_tokens).masked_fill_(counts_F > 0, 0)
+        self.tokens_seen += n_tokens
+
+
+# --- sharded strategies ---------------------------------------------------------------------------
+
+class Sharding(NamedTuple):
+    """How a sharded strategy splits an SAE over the ranks; the trainer uses these and nothing else.
+
+    A rank's part is itself an SAE: its ``forward`` on the rank's rows is a collective that returns
+    the global batch's loss terms (as under :func:`~workbench.saes.batch.batch_group`), its code
+    carries the whole SAE's latent ids, and its ``init_from_data_`` on the global batch sets what the
+    whole SAE's would (then sharded)."""
+
+    check: Callable[[BaseSAE, int], None]
+    """``check(sae, world_size)``: a one-line ValueError if the SAE cannot be split over that many ranks."""
+    shard: Callable[[BaseSAE, DistContext], BaseSAE]
+    """``shard(sae, ctx)``: this rank's part of the whole SAE (every rank passes the same one)."""
+    gather: Callable[[BaseSAE, DistContext], BaseSAE | None]
+    """``gather(part, ctx)``: the whole SAE on rank 0, on the CPU; None on the other ranks. A collective."""
+    sharded_parameters: Callable[[BaseSAE], list[Tensor]]
+    """The trainable parameters split over the ranks: their gradients are complete on their rank."""
+    replicated_parameters: Callable[[BaseSAE], list[Tensor]]
+    """The trainable parameters every rank holds whole: their gradients are summed over the ranks."""
+
+
+def sharding(strategy: str | None) -> Sharding | None:
+    """How ``strategy`` (a value of ``TrainConfig.parallel``) shards SAEs; None for "data" and None."""
+    if strategy == "expert":
+        # Imported here, not at the top: expert_parallel builds on this module.
+        from .expert_parallel import SHARDING
+        return SHARDING
+    return None

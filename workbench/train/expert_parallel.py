@@ -18,11 +18,11 @@ which is SwitchSAE.forward's x_hat = W_dec^T (p_{i*} vals) + b_dec, since the de
 the code. The backward runs the reverse all-to-all's backward (an all-to-all of dL/dy to the owners),
 so each expert's gradient already sums over the tokens of every rank.
 
-Losses follow :mod:`workbench.train.distributed`'s share convention (:func:`switch_losses`): rank r's
-"mse" and "load_balance" are its shares, summing over ranks to the global batch's
-MSE = sum ||x - x_hat||^2 / (B D) and alpha * E * sum_i f_i P_i with f_i, P_i over all B tokens.
+Losses follow :mod:`workbench.train.distributed`'s convention (:func:`switch_losses`): every rank's
+"mse" and "load_balance" are the global batch's MSE = sum ||x - x_hat||^2 / (B D) and
+alpha * E * sum_i f_i P_i with f_i, P_i over all B tokens, and rank r back-propagates their sum / N.
 
-Gradient convention: after ``backward`` on rank r's ``sum(losses.values())``,
+Gradient convention: after ``backward`` on rank r's ``sum(losses.values()) / N``,
 
 * replicated parameters (:func:`replicated_parameters`: W_router, b_router, b_dec) are all-reduce
   **summed** (:func:`reduce_replicated_grads_`): each rank holds the part of their gradient its own
@@ -44,10 +44,19 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
-from ..saes.base import BaseSAE, Code, SAEOutput, sparse_decode, sparse_encode
+from ..saes.base import (
+    BaseSAE,
+    Code,
+    SAEOutput,
+    count_ids,
+    sparse_decode,
+    sparse_encode,
+)
+from ..saes.batch import batch_group
 from ..saes.switch import SwitchConfig, SwitchSAE
 from .distributed import (
     DistContext,
+    Sharding,
     all_reduce_grads_,
     current_context,
     global_sum,
@@ -106,18 +115,26 @@ def _refuse_non_switch(sae: object, what: str) -> None:
                          f"(or a shard); train it with train.parallel: data")
 
 
-def shard_switch(sae: SwitchSAE, rank: int, world_size: int) -> SwitchExpertShard:
-    """Rank ``rank``'s shard of ``sae``: experts rank*E/N .. (rank+1)*E/N - 1 (their W_enc columns,
-    W_dec rows and b_enc entries, copied), the router and b_dec replicated. Every rank shards the same
-    SAE (same seed, same data-dependent init) so that the replicated parameters start equal."""
+def check_shardable(sae: BaseSAE, world_size: int) -> None:
+    """A one-line ValueError unless ``sae`` is a whole Switch SAE whose experts split evenly over
+    ``world_size`` ranks."""
     _refuse_non_switch(sae, "expert parallelism")
-    if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank!r} must be an integer in 0..world_size-1 and world_size={world_size!r} >= 1")
     n_experts = sae.cfg.n_experts
     if n_experts % world_size:
         divisors = [n for n in range(1, n_experts + 1) if n_experts % n == 0]
         raise ValueError(f"n_experts={n_experts} is not divisible by the world size {world_size}; run on "
                          f"{divisors} ranks or pick n_experts a multiple of {world_size}")
+
+
+def shard_switch(sae: SwitchSAE, rank: int, world_size: int) -> SwitchExpertShard:
+    """Rank ``rank``'s shard of ``sae``: experts rank*E/N .. (rank+1)*E/N - 1 (their W_enc columns,
+    W_dec rows and b_enc entries, copied), the router and b_dec replicated. Every rank shards the same
+    SAE (same seed) so that the replicated parameters start equal. The data-dependent init touches
+    the replicated b_dec and b_router only, so a shard's ``init_from_data_`` on the global batch
+    equals the whole SAE's, then sharded."""
+    if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank!r} must be an integer in 0..world_size-1 and world_size={world_size!r} >= 1")
+    check_shardable(sae, world_size)
     shard = SwitchExpertShard(dataclasses.replace(sae.cfg), rank, world_size)
     shard.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
     cols = slice(rank * shard.cfg.d_sae, (rank + 1) * shard.cfg.d_sae)
@@ -136,25 +153,20 @@ def shard_switch(sae: SwitchSAE, rank: int, world_size: int) -> SwitchExpertShar
 
 @torch.no_grad()
 def gather_switch(shard: SwitchExpertShard, ctx: DistContext) -> SwitchSAE | None:
-    """The whole Switch SAE on rank 0 (None on the other ranks): the shards' W_enc columns, W_dec rows
-    and b_enc gathered in rank order, the router and b_dec from rank 0. A collective: every rank calls
-    it. The result is an ordinary SwitchSAE that :func:`workbench.io.save` writes."""
+    """The whole Switch SAE on rank 0, on the CPU (None on the other ranks): the shards' W_enc columns,
+    W_dec rows and b_enc gathered in rank order, the router and b_dec from rank 0. A collective: every
+    rank calls it. Rank 0 receives one shard at a time and moves it to the CPU, so its device never
+    holds more than one other shard. The result is an ordinary SwitchSAE that
+    :func:`workbench.io.save` writes."""
     _refuse_non_switch_shard(shard, "gather_switch")
     if (shard.rank, shard.world_size) != (ctx.rank, ctx.world_size):
         raise ValueError(f"the shard is rank {shard.rank} of {shard.world_size} but this process is rank {ctx.rank} "
                          f"of {ctx.world_size}; gather with the context the shard was made for")
-    pieces: dict[str, list[Tensor]] = {}
-    for name in ("W_enc", "W_dec", "b_enc"):
-        local = getattr(shard, name).detach().contiguous()
-        if not ctx.distributed:
-            pieces[name] = [local]
-            continue
-        gathered = [torch.empty_like(local) for _ in range(ctx.world_size)] if ctx.is_writer else None
-        dist.gather(local, gathered, group=ctx.group, group_dst=0)
-        pieces[name] = gathered
+    pieces = {name: _gather_to_cpu(getattr(shard, name).detach().contiguous(), ctx)
+              for name in ("W_enc", "W_dec", "b_enc")}
     if not ctx.is_writer:
         return None
-    full = SwitchSAE(dataclasses.replace(shard.full_cfg)).to(device=shard.W_enc.device, dtype=shard.W_enc.dtype)
+    full = SwitchSAE(dataclasses.replace(shard.full_cfg)).to(dtype=shard.W_enc.dtype)
     full.W_enc.copy_(torch.cat(pieces["W_enc"], 1))
     full.W_dec.copy_(torch.cat(pieces["W_dec"], 0))
     full.b_enc.copy_(torch.cat(pieces["b_enc"], 0))
@@ -165,6 +177,21 @@ def gather_switch(shard: SwitchExpertShard, ctx: DistContext) -> SwitchSAE | Non
     full.metadata = dict(shard.metadata)
     full.train(shard.training)
     return full
+
+
+def _gather_to_cpu(local: Tensor, ctx: DistContext) -> list[Tensor] | None:
+    """Every rank's ``local`` (one shape) on rank 0's CPU in rank order, received one rank at a time;
+    None on the other ranks."""
+    if not ctx.distributed:
+        return [local.cpu()]
+    if not ctx.is_writer:
+        dist.send(local, group=ctx.group, group_dst=0)
+        return None
+    pieces, buffer = [local.cpu()], torch.empty_like(local)
+    for src in range(1, ctx.world_size):
+        dist.recv(buffer, group=ctx.group, group_src=src)
+        pieces.append(buffer.to("cpu", copy=True))  # a copy also when the buffer is on the CPU
+    return pieces
 
 
 def _refuse_non_switch_shard(shard: object, what: str) -> None:
@@ -214,7 +241,8 @@ def expert_parallel_forward(shard: SwitchExpertShard, x_BD: Tensor, ctx: DistCon
 
     Returns ``recon_BD`` and the ``code`` (p_{i*}-scaled values, *global* latent ids) of the local
     tokens, exactly as SwitchSAE.forward on the concatenated batch gives them for these rows;
-    ``losses`` {"mse", "load_balance"} as this rank's shares (:func:`switch_losses`); ``metrics``
+    ``losses`` {"mse", "load_balance"} over the global batch, the same on every rank
+    (:func:`switch_losses`; back-propagate their sum divided by the world size); ``metrics``
     totals over the local tokens (sum them over ranks, with the token count, before
     ``summarize_metrics``).
     """
@@ -230,7 +258,7 @@ def expert_parallel_forward(shard: SwitchExpertShard, x_BD: Tensor, ctx: DistCon
     probs_BE, expert_B = shard.route(x_BD)
     # Tokens sorted by expert, hence by destination rank i* // (E/N), stable within each expert.
     order_B = expert_B.argsort(stable=True)
-    sent_NL = torch.bincount(expert_B, minlength=n_experts).view(n_ranks, n_local)
+    sent_NL = count_ids(expert_B, n_experts).view(n_ranks, n_local)
     recv_NL = sent_NL.clone()
     if ctx.distributed:
         # recv_NL[j, e]: tokens rank j sends to our local expert e.
@@ -260,7 +288,7 @@ def expert_parallel_forward(shard: SwitchExpertShard, x_BD: Tensor, ctx: DistCon
 
     losses = switch_losses(shard.full_cfg, x_BD, recon_BD, probs_BE, expert_B, ctx)
     probs_BE = probs_BE.detach()
-    metrics = {"expert_tokens": torch.bincount(expert_B, minlength=n_experts),
+    metrics = {"expert_tokens": count_ids(expert_B, n_experts),
                "router_prob": probs_BE.sum(0),
                "router_entropy": torch.special.entr(probs_BE).sum()}
     return SAEOutput(recon_BD, Code(acts_BK, idx_BK, shard.full_cfg.d_sae), losses, metrics)
@@ -268,32 +296,38 @@ def expert_parallel_forward(shard: SwitchExpertShard, x_BD: Tensor, ctx: DistCon
 
 def switch_losses(cfg: SwitchConfig, x_BD: Tensor, recon_BD: Tensor, probs_BE: Tensor, expert_B: Tensor,
                   ctx: DistContext) -> dict[str, Tensor]:
-    """SwitchSAE's loss terms over the global batch, as this rank's shares.
+    """SwitchSAE's loss terms over the global batch, the same on every rank (back-propagate their sum
+    divided by the world size, :mod:`workbench.train.distributed`'s convention).
 
     One plain all-reduce gives the global token count B and the expert counts (f_i = count_i / B, no
     gradient); one differentiable all-reduce (:func:`global_sum`) gives the global squared error and
-    sum_b p_b (so P = that / B). Both terms are then replicated values V, and each rank's share is
-    V / N: mse = sum ||x - x_hat||^2 / (B D) / N, load_balance = alpha E sum_i f_i P_i / N.
+    sum_b p_b (so P = that / B): mse = sum ||x - x_hat||^2 / (B D), load_balance = alpha E sum_i f_i P_i.
     """
-    n_experts, n_ranks = cfg.n_experts, ctx.world_size
-    counts = torch.cat([torch.bincount(expert_B, minlength=n_experts),
+    n_experts = cfg.n_experts
+    counts = torch.cat([count_ids(expert_B, n_experts),
                         torch.tensor([x_BD.shape[0]], device=expert_B.device)])
     counts = global_sum_(counts, ctx)
     n_tokens = counts[-1].item()
     if n_tokens == 0:
         raise ValueError("the global batch is empty on every rank; give the ranks at least one token")
     sums = global_sum(torch.cat([(x_BD - recon_BD).pow(2).sum()[None], probs_BE.sum(0)]), ctx)
-    losses = {"mse": sums[0] / (n_tokens * x_BD.shape[1]) / n_ranks}
+    losses = {"mse": sums[0] / (n_tokens * x_BD.shape[1])}
     if cfg.lb_alpha > 0:
         f_E = counts[:n_experts].to(probs_BE.dtype) / n_tokens
-        losses["load_balance"] = cfg.lb_alpha * n_experts * (f_E * sums[1:] / n_tokens).sum() / n_ranks
+        losses["load_balance"] = cfg.lb_alpha * n_experts * (f_E * sums[1:] / n_tokens).sum()
     return losses
 
 
 def data_parallel_switch_forward(sae: SwitchSAE, x_BD: Tensor, ctx: DistContext) -> SAEOutput:
     """A whole-SAE replica's forward on this rank's tokens with the loss over the global batch: the
-    SAE's own forward (recon, code, metrics) and :func:`switch_losses` in place of its local losses
-    (so the load balance uses the global f_i and P_i). Sum all gradients over ranks afterwards."""
-    out = sae(x_BD)
-    probs_BE, expert_B = sae.route(x_BD)
-    return out._replace(losses=switch_losses(sae.cfg, x_BD, out.recon_BD, probs_BE, expert_B, ctx))
+    SAE's own forward inside :func:`~workbench.saes.batch.batch_group`, so the load balance uses the
+    global f_i and P_i (what the trainer does under ``train.parallel: data``). Back-propagate the
+    losses' sum divided by the world size and sum all gradients over ranks afterwards."""
+    with batch_group(ctx.group, ctx.world_size):
+        return sae(x_BD)
+
+
+SHARDING = Sharding(check=check_shardable, shard=lambda sae, ctx: shard_switch(sae, ctx.rank, ctx.world_size),
+                    gather=gather_switch, sharded_parameters=expert_parameters,
+                    replicated_parameters=replicated_parameters)
+"""``train.parallel: expert`` as the trainer uses it (:func:`workbench.train.distributed.sharding`)."""

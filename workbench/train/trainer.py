@@ -12,8 +12,13 @@
 
 Each batch is read from the stream once and fed to every SAE; each SAE has its own Adam and lr
 schedule. Nothing here is global: every piece of run state lives on the Trainer and goes into its
-checkpoints, so distributed training can add a rank to the loop and the checkpoint writer without
-changing either.
+checkpoints.
+
+Under ``torchrun`` (``Trainer(..., dist=init_from_env())``, ``TrainConfig.parallel``) every rank reads
+the same global batch from the stream and trains on its slice of the rows; the losses are the global
+batch's (:func:`workbench.saes.batch.batch_group`), the gradients are summed over the ranks, and N
+ranks take the step one process takes on the whole batch (:mod:`workbench.train.distributed`). Rank 0
+writes the checkpoints and the final SAE folders.
 """
 from __future__ import annotations
 
@@ -38,7 +43,9 @@ from tqdm.auto import tqdm
 
 from ..eval.metrics import FiringStats
 from ..saes.base import BaseSAE, SAEOutput, UnitNormDecoder
-from . import checkpoint
+from ..saes.batch import batch_group
+from . import checkpoint, distributed
+from .distributed import STRATEGIES, DistContext, GlobalFiringStats, Sharding, all_reduce_grads_, shard_rows
 from .prefetch import BatchError, Prefetcher, ReadBatch, check_batch, count_nonfinite, nonfinite_error
 from .schedule import make_scheduler
 from .sparse_step import RowAdam, RowGrads, clip_coefficient, dense_sq_norm, row_param_ids
@@ -103,6 +110,13 @@ class TrainConfig:
     """Read the next batch in a background thread while the current one trains (checked for
     NaN/Inf there, on the CPU, and pinned for a ``non_blocking`` copy to the GPU). None: on when
     the SAEs are on a GPU. Checkpoints record the stream position of the batch last trained on."""
+    parallel: str | None = None
+    """How a ``torchrun`` launch trains on its N ranks (in one process: no effect). ``"data"``: every
+    rank holds every SAE whole and trains on its 1/N of the rows of each global batch (every
+    architecture; data.batch_size must be divisible by N). The other value of
+    ``workbench.train.distributed.STRATEGIES`` shards the experts of a mixture-of-experts SAE over
+    the ranks (their weights and Adam state; the rest replicated), for SAEs that offer it. Either way
+    N ranks take the step one process takes on the global batch. Refuses ``sparse_adam``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -145,6 +159,8 @@ class TrainConfig:
                 bad(name, "must be True or False")
         if self.prefetch is not None and not isinstance(self.prefetch, bool):
             bad("prefetch", "must be True, False, or None (on for a GPU)")
+        if self.parallel is not None and self.parallel not in STRATEGIES:
+            bad("parallel", f"must be None or one of {STRATEGIES}")
 
 
 class Trainer:
@@ -154,13 +170,21 @@ class Trainer:
     Public state: ``saes``, ``optimizers`` and ``schedulers`` (dicts by name), ``step`` (steps done),
     ``tokens_seen`` and ``history`` (the rows :meth:`fit` returns). :meth:`fit` trains in the calling
     thread, :meth:`start` in a background one; a trainer runs one of them at a time.
+
+    ``dist`` (:func:`workbench.train.distributed.init_from_env`) is this process's place in a
+    ``torchrun`` launch; on several ranks, every rank builds the Trainer from the same SAEs and
+    config and calls :meth:`fit` with the same stream, and ``cfg.parallel`` says how they share the
+    work. The SAEs then train on ``dist.device`` (the rank's GPU under nccl), moved there (after
+    sharding, so a whole sharded SAE never occupies a GPU); under a sharded strategy ``saes`` holds
+    this rank's shards (:meth:`gathered_saes` gives the whole SAEs).
     """
 
     def __init__(self, saes: BaseSAE | dict[str, BaseSAE], cfg: TrainConfig,
                  run_dir: str | Path | None = None, *, metadata: dict[str, Any] | None = None,
-                 input_scale: float | None = None):
+                 input_scale: float | None = None, dist: DistContext | None = None):
         self.saes = _named(saes)
         self.cfg = cfg
+        self.dist = dist if dist is not None else DistContext()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # Written into every saved SAE's cfg.json (e.g. the model and site it was trained on).
         self.metadata = dict(metadata or {})
@@ -173,6 +197,15 @@ class Trainer:
         self.d_in = _shared("d_in", {name: sae.cfg.d_in for name, sae in self.saes.items()})
         self.device = _shared("device", {name: sae.W_dec.device for name, sae in self.saes.items()})
         self.dtype = _shared("dtype", {name: sae.W_dec.dtype for name, sae in self.saes.items()})
+        self._sharding = self._check_launch()
+        # Taken from the whole SAEs: a shard's own config is that of its part.
+        lrs = {name: sae.default_lr() if cfg.lr is None else cfg.lr for name, sae in self.saes.items()}
+        widths = {name: sae.cfg.d_sae for name, sae in self.saes.items()}
+        if self._sharding is not None:
+            self.saes = {name: self._sharding.shard(sae, self.dist) for name, sae in self.saes.items()}
+        if self.dist.distributed:  # moved after sharding: a whole sharded SAE never reaches the device
+            self.device = self.dist.device
+            self.saes = {name: sae.to(self.device) for name, sae in self.saes.items()}
         if cfg.autocast and self.device.type != "cuda":
             raise ValueError(f"TrainConfig.autocast=True runs the forward in bfloat16, which needs the SAEs on a "
                              f"CUDA device (they are on {self.device.type}): on a CPU bf16 matmul is ~150x slower "
@@ -187,7 +220,7 @@ class Trainer:
         # With sparse_adam, each SAE's row-sparse weights get a RowAdam and the rest the fused Adam.
         self.row_optimizers = {name: RowAdam(sae, cfg.betas) if cfg.optimizer == "sparse_adam" else None
                                for name, sae in self.saes.items()}
-        self.optimizers = {name: _adam(sae, sae.default_lr() if cfg.lr is None else cfg.lr, cfg.betas,
+        self.optimizers = {name: _adam(sae, lrs[name], cfg.betas,
                                        skip=row_param_ids(sae) if self.row_optimizers[name] else set())
                            for name, sae in self.saes.items()}
         self.schedulers = {name: make_scheduler(opt, cfg.total_steps, cfg.warmup_steps, cfg.decay_fraction)
@@ -196,9 +229,10 @@ class Trainer:
         self._decoders = {name: UnitNormDecoder([] if self.row_optimizers[name] else [sae.W_dec])
                           for name, sae in self.saes.items()}
         # The one firing counter of each SAE: its dead mask goes into forward, its dead fraction
-        # into the history.
-        self.firing = {name: FiringStats(sae.cfg.d_sae, cfg.dead_window_tokens, self.device)
-                       for name, sae in self.saes.items()}
+        # into the history. On several ranks it counts the global batch, the same on every rank.
+        self.firing = {name: GlobalFiringStats(width, cfg.dead_window_tokens, self.device, self.dist)
+                       if self.dist.distributed else FiringStats(width, cfg.dead_window_tokens, self.device)
+                       for name, width in widths.items()}
         self.step = 0
         self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []
@@ -216,9 +250,32 @@ class Trainer:
         self._stop = threading.Event()
         self._stopped = False  # the last fit ended at a stop() before its last step
 
+    def _check_launch(self) -> Sharding | None:
+        """Refuse a launch the run does not fit, in one line; the sharding of a sharded strategy on
+        several ranks, else None."""
+        ctx, cfg = self.dist, self.cfg
+        if not ctx.distributed:
+            return None
+        where = f"this process is rank {ctx.rank} of {ctx.world_size} (torchrun)"
+        if cfg.parallel is None:
+            raise ValueError(f"{where} but TrainConfig.parallel is None; set train.parallel to one of {STRATEGIES} "
+                             f"(\"data\" trains any SAE), or run one process")
+        if cfg.optimizer == "sparse_adam":
+            raise ValueError(f"{where}: TrainConfig.optimizer='sparse_adam' is refused under torchrun (its row-sparse "
+                             f"step is not reduced across ranks); use optimizer 'adam' under torchrun")
+        sharding = distributed.sharding(cfg.parallel)
+        if sharding is not None:
+            for name, sae in self.saes.items():
+                try:
+                    sharding.check(sae, ctx.world_size)
+                except ValueError as e:
+                    raise ValueError(f"train.parallel={cfg.parallel!r}, SAE {name!r}: {e}") from None
+        return sharding
+
     def add_callback(self, fn: Callable[[dict[str, Any]], None]) -> None:
         """Call ``fn(row)`` with each history row as it is added (e.g. a live dashboard), in the
-        thread that trains (a started run's own). A function added twice is called once."""
+        thread that trains (a started run's own); on several ranks, on rank 0 only. A function added
+        twice is called once."""
         if fn not in self._callbacks:
             self._callbacks.append(fn)
 
@@ -266,6 +323,9 @@ class Trainer:
         streams carry their own generators. One run per trainer at a time: starting a second, or
         calling ``fit``, while one trains is a RuntimeError.
         """
+        if self.dist.distributed:
+            raise RuntimeError("Trainer.start trains in a background thread of one process, and a stop() there "
+                               "would leave the other ranks waiting; under torchrun call fit() on every rank")
         self._claim()
         try:
             if self.step == 0:
@@ -292,7 +352,7 @@ class Trainer:
 
     def _progress_bar(self) -> tqdm:
         return tqdm(total=self.cfg.total_steps, initial=self.step, desc="train", unit="step",
-                    disable=not self.cfg.progress_bar)
+                    disable=not (self.cfg.progress_bar and self.dist.is_writer))
 
     def _fit(self, stream: Iterable[Tensor], bar: tqdm) -> list[dict[str, Any]]:
         """The body of :meth:`fit`, run by ``fit`` in the caller's thread and by :meth:`start` in
@@ -327,14 +387,11 @@ class Trainer:
             if item is None:
                 break
             if isinstance(item, ReadBatch):  # read ahead and checked by the prefetch thread
-                x_BD = self._to_device(item.index, item.batch)
+                index, batch = item.index, item.batch
                 self._consumed = item
             else:
-                x_BD = self._to_device(item[0], self._read_batch(*item))
-            if self.step == 0:
-                for sae in self.saes.values():
-                    sae.init_from_data_(x_BD)
-            stats = self.train_step(x_BD)
+                index, batch = item[0], self._read_batch(*item)
+            stats = self.train_step(self._rank_rows(index, batch))
             bar.update()
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
                 self._check_finite()
@@ -347,17 +404,21 @@ class Trainer:
                              f"(batch, {self.d_in}) tensors (an exhausted generator yields nothing: "
                              "create it anew for each fit)")
         if self.step < self.cfg.total_steps:
-            warnings.warn(f"the activation stream ran out after {self.step} batches, so only {self.step} "
-                          f"of {self.cfg.total_steps} steps ran and the lr schedule did not finish; pass "
-                          f"a longer stream (Trainer.resume continues a run from its checkpoint) or "
-                          f"lower total_steps", stacklevel=3)
+            if self.dist.is_writer:
+                warnings.warn(f"the activation stream ran out after {self.step} batches, so only {self.step} "
+                              f"of {self.cfg.total_steps} steps ran and the lr schedule did not finish; pass "
+                              f"a longer stream (Trainer.resume continues a run from its checkpoint) or "
+                              f"lower total_steps", stacklevel=3)
             if stats is not None and (not self.history or self.history[-1]["step"] != self.step):
                 self._log(stats, None)  # the last step is always in the history
         self._check_finite(weights=True)
         if self.run_dir is not None:
+            whole = self.gathered_saes()
             if self._checkpointed_step != self.step:
-                self._checkpoint()
-            checkpoint.save_final_saes(self.run_dir, self.saes, self._metadata(), self.input_scale)
+                self._checkpoint(whole)
+            if self.dist.is_writer:
+                checkpoint.save_final_saes(self.run_dir, whole, self._metadata(), self.input_scale)
+            self.dist.barrier()  # the other ranks return once the run's folders are written
 
     def _end_stopped(self) -> None:
         """A stopped run: checkpointed as at a checkpoint step (with a run_dir), so that
@@ -373,11 +434,12 @@ class Trainer:
             self._resumed_rng = self._rng_position()
 
     def train_step(self, x_BD: Tensor) -> dict[str, dict[str, Any]]:
-        """One optimiser step of every SAE on the batch ``x_BD`` (on the SAEs' device and dtype);
-        returns each SAE's step statistics (device tensors, turned into a row only when logged)."""
+        """One optimiser step of every SAE on the batch ``x_BD`` (on the SAEs' device and dtype; on
+        several ranks, this rank's rows of the global batch, every rank as many); returns each SAE's
+        step statistics (device tensors, turned into a row only when logged)."""
         stats = {name: self._train_step(name, x_BD) for name in self.saes}
         self.step += 1
-        self.tokens_seen += x_BD.shape[0]
+        self.tokens_seen += x_BD.shape[0] * self.dist.world_size
         return stats
 
     def _train_step(self, name: str, x_BD: Tensor) -> dict[str, Any]:
@@ -387,7 +449,9 @@ class Trainer:
         sae.on_step(self.step)
         if row_optimizer is None:
             out, loss = self._forward_backward(name, x_BD)
-            if self.cfg.grad_clip is not None:
+            if self.dist.distributed:
+                self._reduce_and_clip(name)
+            elif self.cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], self.cfg.grad_clip)
             self._decoders[name].project_grads()
             optimizer.step()
@@ -408,19 +472,71 @@ class Trainer:
         return _step_stats(out, loss, x_BD, lr)
 
     def _forward_backward(self, name: str, x_BD: Tensor) -> tuple[SAEOutput, Tensor]:
-        """The SAE's forward on the batch, its loss (NaN/Inf noted without a sync) and backward."""
+        """The SAE's forward on the batch, its loss (NaN/Inf noted without a sync) and backward. On
+        N ranks the loss is the global batch's, the same on every rank, and each back-propagates
+        loss / N (the gradients are summed afterwards)."""
         optimizer = self.optimizers[name]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+        ctx = self.dist
+        with batch_group(ctx.group, ctx.world_size), \
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
             out = self._forward[name](x_BD, dead_mask=self.firing[name].silent_for(self.cfg.dead_window_tokens))
             loss = sum(out.losses.values())
         bad = self._bad_step[name]
         self._bad_step[name] = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), self.step, bad)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss / ctx.world_size if ctx.distributed else loss).backward()
         return out, loss
+
+    def _reduce_and_clip(self, name: str) -> None:
+        """On several ranks: sum the gradients over the ranks (a sharded SAE's replicated ones only)
+        and clip them to the whole model's norm, as one process would."""
+        clip = self.cfg.grad_clip
+        if self._sharding is None:
+            params = self.optimizers[name].param_groups[0]["params"]
+            all_reduce_grads_(params, self.dist, "sum")
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            return
+        sharded = self._sharding.sharded_parameters(self.saes[name])
+        replicated = self._sharding.replicated_parameters(self.saes[name])
+        all_reduce_grads_(replicated, self.dist, "sum")
+        if clip is not None:
+            distributed.clip_grad_norm_(sharded, replicated, clip, self.dist)
 
     # ---------------------------------------------------------------------------------------------
     # The stream
+
+    def _rank_rows(self, index: int, batch: Tensor) -> Tensor:
+        """This rank's rows of the global batch, on the SAEs' device (the whole batch on one process).
+        Before the first step, every SAE's data-dependent init reads the whole global batch; on
+        several ranks the first batch must be the same on every rank, and rank 0's init is every
+        rank's (so replicas agree bit for bit even if the ranks' copies of a batch differ in rounding)."""
+        ctx = self.dist
+        if self.step == 0:
+            x_BD = self._to_device(index, batch)
+            rows_BD = x_BD
+            if ctx.distributed:
+                if not distributed.same_on_every_rank(x_BD, ctx):
+                    raise ValueError("the ranks read different first batches from the stream; under torchrun every "
+                                     "rank must read the same global batches (a stream seeded alike on every rank, as "
+                                     "the workbench's own are) and trains on its share of the rows")
+                rows_BD = shard_rows(x_BD, ctx.rank, ctx.world_size)
+            for name, sae in self.saes.items():
+                sae.init_from_data_(x_BD)
+                if ctx.distributed:
+                    distributed.broadcast_(self._replicated_state(name), ctx)
+            return rows_BD
+        if ctx.distributed:
+            batch = shard_rows(batch, ctx.rank, ctx.world_size)
+        return self._to_device(index, batch)
+
+    def _replicated_state(self, name: str) -> list[Tensor]:
+        """The tensors of an SAE that every rank holds alike: all of a replica, a shard's replicated
+        parameters."""
+        sae = self.saes[name]
+        if self._sharding is not None:
+            return self._sharding.replicated_parameters(sae)
+        return [*sae.parameters(), *sae.buffers()]
 
     def _read_batch(self, index: int, batch: Any) -> Tensor:
         """The batch checked and cast (:func:`~workbench.train.prefetch.check_batch`), pinned for a
@@ -490,6 +606,8 @@ class Trainer:
 
     def _log(self, stats: dict[str, dict[str, Any]], bar: tqdm | None) -> None:
         """Turn the step's stats into one history row per SAE and hand each to the callbacks."""
+        if self.dist.distributed:
+            stats = self._global_stats(stats)
         losses = {}
         for name, sae_stats in stats.items():
             row: dict[str, Any] = {"step": self.step, "sae": name, "tokens": self.tokens_seen}
@@ -500,21 +618,40 @@ class Trainer:
             row.update(self.saes[name].summarize_metrics(*sae_stats["metrics"]))
             self.history.append(row)
             losses[name] = f"{row['loss']:.3g}"
-            for fn in self._callbacks:
-                fn(row)
+            if self.dist.is_writer:
+                for fn in self._callbacks:
+                    fn(row)
         if bar is not None:
             bar.set_postfix(losses, refresh=False)
+
+    @torch.no_grad()
+    def _global_stats(self, stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The step's ``mse``, ``l0`` and metric totals over the global batch, by one all-reduce at
+        a logged step (the ranks hold equal shares of the rows, so a global mean is the mean of the
+        ranks' means). The loss terms are the global batch's already."""
+        n_ranks = self.dist.world_size
+        parts = [t for sae_stats in stats.values()
+                 for t in (sae_stats["mse"], sae_stats["l0"], *sae_stats["metrics"][0].values())]
+        flat = distributed.global_sum_(torch.cat([t.reshape(-1).double() for t in parts]), self.dist)
+        pieces = iter(flat.split([t.numel() for t in parts]))
+
+        def take(t: Tensor, divide: int = 1) -> Tensor:
+            return (next(pieces) / divide).view_as(t).to(t.dtype)
+
+        out = {}
+        for name, sae_stats in stats.items():
+            totals, n_tokens = sae_stats["metrics"]
+            out[name] = {**sae_stats, "mse": take(sae_stats["mse"], n_ranks), "l0": take(sae_stats["l0"], n_ranks)}
+            out[name]["metrics"] = ({key: take(value) for key, value in totals.items()}, n_tokens * n_ranks)
+        return out
 
     def _check_finite(self, weights: bool = False) -> None:
         """Stop with a one-line error if an SAE's loss was NaN/Inf at any step so far (or, with
         ``weights``, if its weights are), before anything of it is logged or saved."""
-        bad_batch = int(self._bad_batch)
+        bad_batch, *bad_steps = self._first_bad(weights)
         if bad_batch >= 0:
             raise nonfinite_error(bad_batch, -1, self.dtype)
-        for name, sae in self.saes.items():
-            bad = int(self._bad_step[name])
-            if bad < 0 and weights and not all(bool(p.isfinite().all()) for p in sae.parameters()):
-                bad = self.step - 1
+        for name, bad in zip(self.saes, bad_steps):
             if bad >= 0:
                 where = (checkpoint.latest_checkpoint(self.run_dir) if self.run_dir is not None else None)
                 last = (f"the last good checkpoint is {where} (resume continues from it)" if where is not None
@@ -524,13 +661,42 @@ class Trainer:
                     f"nothing after step {bad} was saved; {last}. Lower the lr, turn on grad_clip, or check "
                     f"the activations for huge values (e.g. normalize them)")
 
-    def _checkpoint(self) -> None:
+    def _first_bad(self, weights: bool) -> list[int]:
+        """The index of the first non-finite batch, then each SAE's first step with a non-finite loss
+        (with ``weights``: the last step, if its weights are not finite now); -1 for none. On several
+        ranks, the earliest on any rank, so that every rank stops alike."""
+        firsts = [self._bad_batch]
+        for name, sae in self.saes.items():
+            bad = self._bad_step[name]
+            if weights:
+                finite = torch.stack([p.isfinite().all() for p in sae.parameters()]).all()
+                bad = torch.where((bad < 0) & ~finite, self.step - 1, bad)
+            firsts.append(bad)
+        return distributed.earliest_(torch.stack(firsts), self.dist).tolist()
+
+    def _checkpoint(self, whole: dict[str, BaseSAE] | None = None) -> None:
+        """Write a checkpoint (every rank calls it; ``whole``: :meth:`gathered_saes`, if at hand)."""
         self._check_finite(weights=True)
         metadata = self._metadata()
         if self.input_scale is not None:
             metadata["reads_scaled_input"] = self.input_scale  # checkpointed SAEs are not folded
-        checkpoint.write_checkpoint(self.run_dir, self.step, self.saes, self.state_dict(), metadata)
+        if whole is None:
+            whole = self.gathered_saes()
+        state, rank_state = self.state_dict(), None
+        if self._sharding is not None:
+            state, rank_state = checkpoint.split_rank_state(state)
+        checkpoint.write_checkpoint(self.run_dir, self.step, whole, state, metadata, ctx=self.dist,
+                                    rank_state=rank_state)
         self._checkpointed_step = self.step
+
+    def gathered_saes(self) -> dict[str, BaseSAE] | None:
+        """The whole SAEs: ``saes`` itself, except under a sharded strategy on several ranks, where
+        each is gathered from the ranks onto rank 0's CPU (None on the other ranks; a collective:
+        every rank calls it)."""
+        if self._sharding is None:
+            return self.saes
+        whole = {name: self._sharding.gather(sae, self.dist) for name, sae in self.saes.items()}
+        return whole if self.dist.is_writer else None
 
     def _metadata(self) -> dict[str, Any]:
         return {**self.metadata, "trained_steps": self.step, "trained_tokens": self.tokens_seen}
@@ -557,7 +723,12 @@ class Trainer:
             "stream": self._stream_position(),
             "metadata": self.metadata,
             "input_scale": self.input_scale,
+            "parallel": self._launch(),
         }
+
+    def _launch(self) -> dict[str, Any]:
+        """How the run is spread over ranks, as checkpoints record it (strategy None on one process)."""
+        return {"strategy": self.cfg.parallel if self.dist.distributed else None, "world_size": self.dist.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -566,6 +737,7 @@ class Trainer:
         if list(state["saes"]) != list(self.saes):
             raise ValueError(f"trainer state is for SAEs {list(state['saes'])}, this trainer has "
                              f"{list(self.saes)}")
+        _check_resumable(state.get("parallel"), self._launch(), "the trainer state")
         for name, sae in self.saes.items():
             sae_state = state["saes"][name]
             sae.load_state_dict(sae_state["module"])
@@ -590,20 +762,30 @@ class Trainer:
 
     @classmethod
     def resume(cls, run_dir: str | Path, cfg: TrainConfig | None = None,
-               device: str | torch.device = "cpu") -> Trainer:
+               device: str | torch.device = "cpu", *, dist: DistContext | None = None) -> Trainer:
         """Rebuild a run from the latest complete checkpoint in ``run_dir``; then call :meth:`fit`
         with the same stream. Leftovers of an interrupted checkpoint write are deleted. ``cfg``
         replaces the saved TrainConfig (e.g. to turn the progress bar off; changing the schedule
-        changes the run); ``device`` is where the rebuilt SAEs go."""
-        checkpoint.remove_partial_writes(run_dir)
+        changes the run); ``device`` is where the rebuilt SAEs go (on several ranks: ``dist.device``).
+
+        On several ranks (``dist``) every rank calls it. A data-parallel run resumes on any number
+        of ranks (every rank's state is the same; keep the global batch); a sharded run only on
+        the world size it was written with, each rank from its own ``rank_{r}.pt``."""
+        ctx = dist if dist is not None else DistContext()
+        if ctx.is_writer:
+            checkpoint.remove_partial_writes(run_dir)
         folder = checkpoint.latest_checkpoint(run_dir)
         if folder is None:
             where = Path(run_dir) / checkpoint.CHECKPOINTS_DIR
             raise FileNotFoundError(f"no complete checkpoint under {where}; start the run with "
                                     f"Trainer(...).fit(stream) instead")
         saes, state = checkpoint.load_checkpoint(folder)
-        trainer = cls({name: sae.to(device) for name, sae in saes.items()},
-                      cfg or TrainConfig(**state["train_cfg"]), run_dir)
+        cfg = cfg or TrainConfig(**state["train_cfg"])
+        launch = {"strategy": cfg.parallel if ctx.distributed else None, "world_size": ctx.world_size}
+        _check_resumable(state.get("parallel"), launch, str(folder))
+        if distributed.sharding((state.get("parallel") or {}).get("strategy")) is not None:
+            state = checkpoint.with_rank_state(folder, state, ctx.rank)
+        trainer = cls({name: sae.to(device) for name, sae in saes.items()}, cfg, run_dir, dist=ctx)
         trainer.load_state_dict(state)
         return trainer
 
@@ -795,6 +977,19 @@ def _adam(sae: BaseSAE, lr: float, betas: tuple[float, float], skip: set[int]) -
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     except RuntimeError:  # no fused kernel for this device
         return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+def _check_resumable(saved: dict[str, Any] | None, now: dict[str, Any], what: str) -> None:
+    """Refuse to continue a sharded run with another strategy or world size, or to shard a run that
+    was not (a replicated run resumes on any number of ranks)."""
+    saved = saved or {"strategy": None, "world_size": 1}
+    sharded = [distributed.sharding(launch["strategy"]) is not None for launch in (saved, now)]
+    if any(sharded) and (saved["strategy"], saved["world_size"]) != (now["strategy"], now["world_size"]):
+        raise ValueError(f"{what} was written with parallel={saved['strategy']!r} on {saved['world_size']} rank(s), "
+                         f"this run has parallel={now['strategy']!r} on {now['world_size']}; a run whose weights "
+                         f"are sharded resumes only as it was launched (each rank holds its part's Adam state): "
+                         f"resume with parallel={saved['strategy']!r} on {saved['world_size']} rank(s), or start a "
+                         f"new run from the checkpoint's SAE folders (workbench.io.load)")
 
 
 def _named(saes: BaseSAE | dict[str, BaseSAE]) -> dict[str, BaseSAE]:
