@@ -43,7 +43,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -59,6 +58,7 @@ from workbench.train.distributed import (
     DistContext,
     all_reduce_grads_,
     clip_grad_norm_,
+    free_port,
     init_from_env,
     shard_rows,
 )
@@ -192,12 +192,6 @@ def _rank_main(rank: int, world_size: int, port: int, args_dict: dict, out_dir: 
         ctx.destroy()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --- the analytic counts ---------------------------------------------------------------------------
 
 def analytic_bytes(strategy: str, d_sae: int, d_in: int, n_experts: int, k: int, batch: int,
@@ -295,7 +289,7 @@ def main() -> None:
             parser.error(f"--widths {d_sae} is not divisible by --experts {args.experts}")
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_main, args=(args.ranks, _free_port(), vars(args), out_dir), nprocs=args.ranks,
+        mp.start_processes(_rank_main, args=(args.ranks, free_port(), vars(args), out_dir), nprocs=args.ranks,
                            join=True, start_method="spawn")
         ranks_rows = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(args.ranks)]
     torch.set_num_threads(args.threads_per_rank)

@@ -12,18 +12,14 @@ Trainer's 16, concatenated in rank order; rank r's rows are ``shard_rows(batch, 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from workbench import io
@@ -46,11 +42,13 @@ from workbench.train.distributed import (
     DistContext,
     all_reduce_grads_,
     clip_grad_norm_,
+    free_port,
     global_mean_rows,
     global_total_variance,
     init_from_env,
     rank_batches,
     shard_rows,
+    start_local_ranks,
     token_share,
 )
 from workbench.train.expert_parallel import (
@@ -339,29 +337,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         ctx.destroy()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_method() -> str:
-    """How the ranks start. "fork" where this process runs no other Python thread: the ranks start in
-    milliseconds instead of importing torch and the workbench afresh (seconds each on 2 cores; each
-    rank sets one torch thread before computing). Otherwise "forkserver": a fresh single-threaded
-    server imports the workbench once and forks the ranks (forking a process in which another thread
-    may hold a lock could hang a child). The server imports by package name only: Python 3.11 sets
-    its sys.path after the preload, so this test module, outside any package, is not preloaded."""
-    if sys.platform == "linux" and threading.active_count() == 1:
-        return "fork"
-    multiprocessing.set_forkserver_preload(["safetensors.torch", "workbench.saes", "workbench.train.expert_parallel"])
-    return "forkserver"
-
-
 def _spawn(world_size: int, tmp_path_factory) -> tuple[list[dict[str, torch.Tensor]], Path]:
     out_dir = tmp_path_factory.mktemp(f"world{world_size}")
-    mp.start_processes(_worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True,
-                       start_method=_start_method())
+    start_local_ranks(_worker, world_size, (str(out_dir),),
+                      preload=["safetensors.torch", "workbench.saes", "workbench.train.expert_parallel"])
     return [load_file(str(out_dir / f"rank{r}.safetensors")) for r in range(world_size)], out_dir
 
 
@@ -666,7 +645,7 @@ def _torchrun(config: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "workbench", "train", str(config)]
+               str(free_port()), "-m", "workbench", "train", str(config)]
     return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
 
 

@@ -10,17 +10,12 @@ that averaged each rank's own mean instead of the global one would fail.
 """
 from __future__ import annotations
 
-import multiprocessing
-import socket
-import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from workbench.saes import (
@@ -50,6 +45,7 @@ from workbench.saes.jumprelu import JumpReLUConfig, JumpReLUSAE
 from workbench.saes.matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from workbench.saes.relu import ReLUConfig, ReLUSAE
 from workbench.saes.topk import total_variance
+from workbench.train.distributed import start_local_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the references compute as the ranks do
 
@@ -215,25 +211,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_method() -> str:
-    """"fork" where this process runs no other Python thread (the ranks start in milliseconds), else
-    "forkserver" with the workbench preloaded (see tests/test_distributed.py)."""
-    if sys.platform == "linux" and threading.active_count() == 1:
-        return "fork"
-    multiprocessing.set_forkserver_preload(["safetensors.torch", "workbench.saes"])
-    return "forkserver"
-
-
 def _spawn(world_size: int, tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     out_dir = tmp_path_factory.mktemp(f"losses_world{world_size}")
-    mp.start_processes(_worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True,
-                       start_method=_start_method())
+    start_local_ranks(_worker, world_size, (str(out_dir),), preload=["safetensors.torch", "workbench.saes"])
     return [load_file(str(out_dir / f"rank{r}.safetensors")) for r in range(world_size)]
 
 

@@ -5,19 +5,15 @@ order, same contexts."""
 from __future__ import annotations
 
 import json
-import multiprocessing
-import socket
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch.multiprocessing as mp
 
 from workbench.data.source import ActivationSource  # imported here, so forked ranks start with it
 from workbench.data.store import ActivationStore
 from workbench.runconfig import ModelDataConfig
+from workbench.train.distributed import start_local_ranks
 
 N_TOKENS, EVAL_TOKENS, CONTEXT = 5_000, 1_000, 32
 
@@ -49,29 +45,13 @@ def _rank(rank: int, world_size: int, port: int, cache_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_method() -> str:
-    """fork where this process runs no other thread (the ranks start with transformers imported),
-    else a forkserver that imports it once."""
-    if sys.platform == "linux" and threading.active_count() == 1:
-        return "fork"
-    multiprocessing.set_forkserver_preload(["workbench.data.source"])
-    return "forkserver"
-
-
 def _folders(root: Path) -> dict[str, Path]:
     return {p.name: p for p in root.iterdir() if p.is_dir()}
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_two_ranks_write_the_cache_one_process_writes(tmp_path):
-    mp.start_processes(_rank, args=(2, _free_port(), str(tmp_path / "ranks")), nprocs=2, join=True,
-                       start_method=_start_method())
+    start_local_ranks(_rank, 2, (str(tmp_path / "ranks"),), preload=["workbench.data.source"])
     ActivationSource(_config(tmp_path / "one"), EVAL_TOKENS, progress=False).prepare()
 
     runs = [int((tmp_path / "ranks" / f"batches_run_{r}").read_text()) for r in (0, 1)]

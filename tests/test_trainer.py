@@ -532,7 +532,17 @@ def test_one_run_per_trainer_at_a_time():
     assert trainer.start(SparseStream(10)).wait() == run.history  # free again: nothing left to train
 
 
-def test_interrupting_wait_stops_the_run():
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test, as a kernel has it: where something earlier in the
+    session left SIGINT ignored, ``_thread.interrupt_main()`` does nothing."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupting_wait_stops_the_run(python_sigint):
     """Interrupting the cell that waits (Ctrl-C, the kernel's interrupt) ends the run at the next
     step, as it would end a fit, instead of leaving it training unseen."""
     import _thread

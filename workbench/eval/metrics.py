@@ -82,13 +82,18 @@ class FiringStats:
 
     def update(self, code: Code) -> None:
         """Add one batch: its ``fire_counts()`` and its B tokens (no device sync)."""
+        self.check_width(code)
+        self.add_counts(code.fire_counts(), code.acts.shape[0])
+
+    def check_width(self, code: Code) -> None:
         if code.d_sae != self.d_sae:
             raise ValueError(f"code has d_sae={code.d_sae} but these FiringStats track {self.d_sae} latents")
-        counts_F = code.fire_counts()
+
+    def add_counts(self, counts_F: Tensor, n_tokens: int) -> None:
+        """Add a batch of ``n_tokens`` tokens on which latent f fired ``counts_F[f]`` times."""
         if self.fire_counts_F.device != counts_F.device:  # follow the SAE's device (once)
             self.fire_counts_F = self.fire_counts_F.to(counts_F.device)
             self.tokens_since_fired_F = self.tokens_since_fired_F.to(counts_F.device)
-        n_tokens = code.acts.shape[0]
         self.fire_counts_F += counts_F
         self.tokens_since_fired_F.add_(n_tokens).masked_fill_(counts_F > 0, 0)
         self.tokens_seen += n_tokens

@@ -371,17 +371,10 @@ class GlobalFiringStats(FiringStats):
         self.ctx = ctx
 
     def update(self, code: Code) -> None:
-        if code.d_sae != self.d_sae:
-            raise ValueError(f"code has d_sae={code.d_sae} but these FiringStats track {self.d_sae} latents")
+        self.check_width(code)
         # int32 on the wire (a batch's count fits), half the bytes of the int64 counter.
         counts_F = global_sum_(code.fire_counts().to(torch.int32), self.ctx)
-        if self.fire_counts_F.device != counts_F.device:
-            self.fire_counts_F = self.fire_counts_F.to(counts_F.device)
-            self.tokens_since_fired_F = self.tokens_since_fired_F.to(counts_F.device)
-        n_tokens = code.acts.shape[0] * self.ctx.world_size
-        self.fire_counts_F += counts_F
-        self.tokens_since_fired_F.add_(n_tokens).masked_fill_(counts_F > 0, 0)
-        self.tokens_seen += n_tokens
+        self.add_counts(counts_F, code.acts.shape[0] * self.ctx.world_size)
 
 
 # --- sharded strategies ---------------------------------------------------------------------------
@@ -413,3 +406,36 @@ def sharding(strategy: str | None) -> Sharding | None:
         from .expert_parallel import SHARDING
         return SHARDING
     return None
+
+
+# --- local ranks (tests, benchmarks, a notebook on one machine) -----------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a local process group's rendezvous."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_local_ranks(fn: Any, world_size: int, args: tuple = (), preload: Iterable[str] = ("workbench.saes",)) -> None:
+    """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` processes on this machine and wait
+    for them (an exception in one is raised here). ``fn`` joins the group itself (gloo,
+    ``tcp://127.0.0.1:port``, or MASTER_ADDR/MASTER_PORT and :func:`init_from_env`).
+
+    The ranks are forked where this process runs no other Python thread: they start in milliseconds
+    instead of importing torch and the workbench afresh. Otherwise a fresh single-threaded
+    "forkserver" imports ``preload`` (package names: the server sets its sys.path after preloading)
+    once and forks them, since forking a process in which another thread may hold a lock can hang the
+    child. torchrun is the launcher for real runs; this is for a group spawned by a test or a script."""
+    import multiprocessing
+    import sys
+    import threading
+
+    import torch.multiprocessing as mp
+    if sys.platform == "linux" and threading.active_count() == 1:
+        method = "fork"
+    else:
+        multiprocessing.set_forkserver_preload(list(preload))
+        method = "forkserver"
+    mp.start_processes(fn, args=(world_size, free_port(), *args), nprocs=world_size, join=True, start_method=method)
