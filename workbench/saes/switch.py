@@ -148,36 +148,9 @@ class SwitchSAE(BaseSAE):
         acts_BK = acts_BK * self._gate(probs_BE, expert_B)[:, None]
         recon_BD = sparse_decode(acts_BK, idx_BK, self.W_dec) + self.b_dec
 
-        if in_group():
-            losses = self._batch_losses(x_BD, recon_BD, probs_BE, expert_B)
-        else:
-            losses = {"mse": (x_BD - recon_BD).pow(2).mean()}
-            if self.cfg.lb_alpha > 0:
-                losses["load_balance"] = self.cfg.lb_alpha * load_balance_loss(probs_BE, expert_B)
-        probs_BE = probs_BE.detach()
-        metrics = {"expert_tokens": count_ids(expert_B, self.cfg.n_experts),
-                   "router_prob": probs_BE.sum(0),
-                   "router_entropy": torch.special.entr(probs_BE).sum()}
+        losses = switch_losses(self.cfg, x_BD, recon_BD, probs_BE, expert_B)
+        metrics = switch_metrics(probs_BE, expert_B, self.cfg.n_experts)
         return SAEOutput(recon_BD, Code(acts_BK, idx_BK, self.cfg.d_sae), losses, metrics)
-
-    def _batch_losses(self, x_BD: Tensor, recon_BD: Tensor, probs_BE: Tensor, expert_B: Tensor) -> dict[str, Tensor]:
-        """The loss terms over the whole batch of every rank (inside :func:`workbench.saes.batch.batch_group`):
-        the MSE over its B * D elements, and the load balance with f_i from the summed expert counts
-        (no gradient) and P_i the mean router probability over the B tokens (differentiable). Two
-        all-reduces: the counts with the row count, then the squared error with sum_b p_b."""
-        n_experts = self.cfg.n_experts
-        counts = batch_sum_(torch.cat([count_ids(expert_B, n_experts),
-                                       torch.full((1,), x_BD.shape[0], dtype=torch.long, device=x_BD.device)]))
-        n_rows = counts[-1]
-        parts = [(x_BD - recon_BD).pow(2).sum()[None]]
-        if self.cfg.lb_alpha > 0:
-            parts.append(probs_BE.sum(0).to(parts[0].dtype))
-        sums = batch_sum(torch.cat(parts))
-        losses = {"mse": sums[0] / (n_rows * x_BD.shape[1])}
-        if self.cfg.lb_alpha > 0:
-            f_E = counts[:n_experts].to(probs_BE.dtype) / n_rows
-            losses["load_balance"] = self.cfg.lb_alpha * n_experts * (f_E * sums[1:] / n_rows).sum()
-        return losses
 
     def summarize_metrics(self, totals: dict[str, Tensor], n_tokens: int) -> dict[str, float | list[float]]:
         """``expert_load`` f_i (the fraction of tokens routed to each expert), ``load_balance``
@@ -219,6 +192,42 @@ class SwitchSAE(BaseSAE):
         d, e, k = self.cfg.d_in, self.cfg.n_experts, self.cfg.k
         forward = 2 * d * e + 2 * d * self.cfg.expert_width + 2 * k * d
         return forward + 2 * 2 * d * e + 3 * 2 * k * d if training else forward
+
+
+def switch_losses(cfg: SwitchConfig, x_BD: Tensor, recon_BD: Tensor, probs_BE: Tensor,
+                  expert_B: Tensor) -> dict[str, Tensor]:
+    """The loss terms: per-dimension MSE and alpha times the load balance. Inside
+    :func:`workbench.saes.batch.batch_group` both are over the whole batch of every rank (also the
+    expert-parallel forward's, which passes the whole SAE's ``cfg``): the MSE over its B * D
+    elements, f_i from the summed expert counts (no gradient) and P_i the mean router probability over
+    the B tokens (differentiable); two all-reduces, the counts with the row count, then the squared
+    error with sum_b p_b."""
+    if not in_group():
+        losses = {"mse": (x_BD - recon_BD).pow(2).mean()}
+        if cfg.lb_alpha > 0:
+            losses["load_balance"] = cfg.lb_alpha * load_balance_loss(probs_BE, expert_B)
+        return losses
+    n_experts = cfg.n_experts
+    counts = batch_sum_(torch.cat([count_ids(expert_B, n_experts),
+                                   torch.full((1,), x_BD.shape[0], dtype=torch.long, device=x_BD.device)]))
+    n_rows = counts[-1]
+    parts = [(x_BD - recon_BD).pow(2).sum()[None]]
+    if cfg.lb_alpha > 0:
+        parts.append(probs_BE.sum(0).to(parts[0].dtype))
+    sums = batch_sum(torch.cat(parts))
+    losses = {"mse": sums[0] / (n_rows * x_BD.shape[1])}
+    if cfg.lb_alpha > 0:
+        f_E = counts[:n_experts].to(probs_BE.dtype) / n_rows
+        losses["load_balance"] = cfg.lb_alpha * n_experts * (f_E * sums[1:] / n_rows).sum()
+    return losses
+
+
+@torch.no_grad()
+def switch_metrics(probs_BE: Tensor, expert_B: Tensor, n_experts: int) -> dict[str, Tensor]:
+    """The metric totals over the local tokens: tokens per expert, summed router probabilities, and
+    summed router entropy (:meth:`SwitchSAE.summarize_metrics` reports them)."""
+    return {"expert_tokens": count_ids(expert_B, n_experts), "router_prob": probs_BE.sum(0),
+            "router_entropy": torch.special.entr(probs_BE).sum()}
 
 
 def load_balance_loss(probs_BE: Tensor, expert_B: Tensor) -> Tensor:

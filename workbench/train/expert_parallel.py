@@ -18,8 +18,8 @@ which is SwitchSAE.forward's x_hat = W_dec^T (p_{i*} vals) + b_dec, since the de
 the code. The backward runs the reverse all-to-all's backward (an all-to-all of dL/dy to the owners),
 so each expert's gradient already sums over the tokens of every rank.
 
-Losses follow :mod:`workbench.train.distributed`'s convention (:func:`switch_losses`): every rank's
-"mse" and "load_balance" are the global batch's MSE = sum ||x - x_hat||^2 / (B D) and
+Losses follow :mod:`workbench.train.distributed`'s convention
+(:func:`workbench.saes.switch.switch_losses` under ``batch_group``): every rank's "mse" and "load_balance" are the global batch's MSE = sum ||x - x_hat||^2 / (B D) and
 alpha * E * sum_i f_i P_i with f_i, P_i over all B tokens, and rank r back-propagates their sum / N.
 
 Gradient convention: after ``backward`` on rank r's ``sum(losses.values()) / N``,
@@ -53,14 +53,12 @@ from ..saes.base import (
     sparse_encode,
 )
 from ..saes.batch import batch_group
-from ..saes.switch import SwitchConfig, SwitchSAE
+from ..saes.switch import SwitchConfig, SwitchSAE, switch_losses, switch_metrics
 from .distributed import (
     DistContext,
     Sharding,
     all_reduce_grads_,
     current_context,
-    global_sum,
-    global_sum_,
 )
 
 
@@ -242,8 +240,8 @@ def expert_parallel_forward(shard: SwitchExpertShard, x_BD: Tensor, ctx: DistCon
     Returns ``recon_BD`` and the ``code`` (p_{i*}-scaled values, *global* latent ids) of the local
     tokens, exactly as SwitchSAE.forward on the concatenated batch gives them for these rows;
     ``losses`` {"mse", "load_balance"} over the global batch, the same on every rank
-    (:func:`switch_losses`; back-propagate their sum divided by the world size); ``metrics``
-    totals over the local tokens (sum them over ranks, with the token count, before
+    (:func:`workbench.saes.switch.switch_losses`; back-propagate their sum divided by the world
+    size); ``metrics`` totals over the local tokens (sum them over ranks, with the token count, before
     ``summarize_metrics``).
     """
     _refuse_non_switch_shard(shard, "expert_parallel_forward")
@@ -286,36 +284,10 @@ def expert_parallel_forward(shard: SwitchExpertShard, x_BD: Tensor, ctx: DistCon
     recon_BD = dec_BD * gate_B1 + shard.b_dec
     acts_BK = vals_BK * gate_B1
 
-    losses = switch_losses(shard.full_cfg, x_BD, recon_BD, probs_BE, expert_B, ctx)
-    probs_BE = probs_BE.detach()
-    metrics = {"expert_tokens": count_ids(expert_B, n_experts),
-               "router_prob": probs_BE.sum(0),
-               "router_entropy": torch.special.entr(probs_BE).sum()}
+    with batch_group(ctx.group, ctx.world_size):
+        losses = switch_losses(shard.full_cfg, x_BD, recon_BD, probs_BE, expert_B)
+    metrics = switch_metrics(probs_BE.detach(), expert_B, n_experts)
     return SAEOutput(recon_BD, Code(acts_BK, idx_BK, shard.full_cfg.d_sae), losses, metrics)
-
-
-def switch_losses(cfg: SwitchConfig, x_BD: Tensor, recon_BD: Tensor, probs_BE: Tensor, expert_B: Tensor,
-                  ctx: DistContext) -> dict[str, Tensor]:
-    """SwitchSAE's loss terms over the global batch, the same on every rank (back-propagate their sum
-    divided by the world size, :mod:`workbench.train.distributed`'s convention).
-
-    One plain all-reduce gives the global token count B and the expert counts (f_i = count_i / B, no
-    gradient); one differentiable all-reduce (:func:`global_sum`) gives the global squared error and
-    sum_b p_b (so P = that / B): mse = sum ||x - x_hat||^2 / (B D), load_balance = alpha E sum_i f_i P_i.
-    """
-    n_experts = cfg.n_experts
-    counts = torch.cat([count_ids(expert_B, n_experts),
-                        torch.tensor([x_BD.shape[0]], device=expert_B.device)])
-    counts = global_sum_(counts, ctx)
-    n_tokens = counts[-1].item()
-    if n_tokens == 0:
-        raise ValueError("the global batch is empty on every rank; give the ranks at least one token")
-    sums = global_sum(torch.cat([(x_BD - recon_BD).pow(2).sum()[None], probs_BE.sum(0)]), ctx)
-    losses = {"mse": sums[0] / (n_tokens * x_BD.shape[1])}
-    if cfg.lb_alpha > 0:
-        f_E = counts[:n_experts].to(probs_BE.dtype) / n_tokens
-        losses["load_balance"] = cfg.lb_alpha * n_experts * (f_E * sums[1:] / n_tokens).sum()
-    return losses
 
 
 def data_parallel_switch_forward(sae: SwitchSAE, x_BD: Tensor, ctx: DistContext) -> SAEOutput:
